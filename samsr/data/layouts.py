@@ -1,0 +1,284 @@
+"""Finding image/mask pairs in the folder layouts the reference datasets use.
+
+Training layouts (:func:`find_pairs`):
+
+* ``flat``: image and mask share a stem in one folder, ``x.jpg`` + ``x.png`` (the reference's
+  DUTS-TR, DUTS-TE, ecssd, MSRA_10K folders). Images are non-PNG image files; masks are PNGs.
+* ``duts``: the DUTS release layout, ``<root>/<NAME>-Image/x.jpg`` + ``<root>/<NAME>-Mask/x.png``
+  (case-insensitive), also one image folder + one mask folder with common names (``images``/
+  ``masks``, the genuine DUT-OMRON release's ``DUT-OMRON-image`` + ``pixelwiseGT-new-PNG``).
+* ``fss``: FSS-1000, ``<root>/<class>/<n>.jpg`` + ``<n>.png``; names are ``<class>/<n>``.
+* ``auto``: ``duts`` if such sub-folders exist, else ``flat`` if the root holds images, else
+  ``fss``.
+
+Evaluation layout (:func:`find_big_split`), BIG: ``<name>_im.jpg`` and ``<name>_gt.png`` in a split
+folder; coarse masks ``<name>_seg.png`` in a separate folder per segmentor.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from samsr.data.io import IMAGE_EXTENSIONS, DataError
+
+__all__ = ["LAYOUTS", "BigItem", "Pair", "detect_layout", "find_big_split", "find_pairs"]
+
+LAYOUTS: tuple[str, ...] = ("flat", "duts", "fss")
+"""Training folder layouts :func:`find_pairs` understands (plus ``"auto"``)."""
+
+_MASK_SUFFIX = ".png"
+_IMAGE_SUFFIXES = tuple(s for s in IMAGE_EXTENSIONS if s != _MASK_SUFFIX)
+_IMAGE_DIR_NAMES = ("images", "image", "imgs", "img")
+_MASK_DIR_NAMES = ("masks", "mask", "gt", "gts", "groundtruth", "pixelwisegt-new-png")
+_TRIED = (
+    "duts (<root>/<NAME>-Image/*.jpg + <root>/<NAME>-Mask/*.png), "
+    "flat (<root>/x.jpg + <root>/x.png), fss (<root>/<class>/<n>.jpg + <n>.png)"
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training image and its ground-truth mask.
+
+    Attributes:
+        image: Image file.
+        mask: Ground-truth mask file.
+        name: Name unique within the root (the stem; ``<class>/<n>`` for FSS).
+    """
+
+    image: Path
+    mask: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class BigItem:
+    """One BIG-layout evaluation object.
+
+    Attributes:
+        name: ``<name>`` of ``<name>_im.jpg``.
+        image: Image file.
+        gt: Ground-truth file (None only when ``require_gt=False`` and it is absent).
+        coarse: Coarse mask file (None only when ``require_coarse=False`` and it is absent).
+    """
+
+    name: str
+    image: Path
+    gt: Path | None
+    coarse: Path | None
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in _IMAGE_SUFFIXES
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"data root not found: {root}. Check the path (data.root / roots).")
+    if not root.is_dir():
+        raise DataError(f"data root is not a folder: {root}.")
+
+
+def _complain(message: str, strict: bool) -> None:
+    if strict:
+        raise DataError(f"{message} Fix the folder, or pass strict=False to skip such files.")
+    warnings.warn(f"{message} Skipped.", stacklevel=3)
+
+
+def _match_stems(
+    images: list[Path], masks: list[Path], dirs: tuple[Path, Path], prefix: str, strict: bool
+) -> list[Pair]:
+    """Pairs images with masks by stem; unmatched files raise (strict) or warn and are skipped."""
+    by_stem: dict[str, Path] = {}
+    for mask in masks:
+        by_stem.setdefault(mask.stem, mask)
+    pairs: list[Pair] = []
+    used: set[str] = set()
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.stem in seen:
+            other = seen[image.stem]
+            _complain(f"two images share the stem {image.stem!r}: {other}, {image}.", strict)
+            continue
+        seen[image.stem] = image
+        mask = by_stem.get(image.stem)
+        if mask is None:
+            expected = dirs[1] / f"{image.stem}{_MASK_SUFFIX}"
+            _complain(f"image {image} has no mask (expected {expected}).", strict)
+            continue
+        used.add(image.stem)
+        pairs.append(Pair(image=image, mask=mask, name=f"{prefix}{image.stem}"))
+    for stem, mask in sorted(by_stem.items()):
+        if stem not in used and stem not in seen:
+            _complain(f"mask {mask} has no image (expected {dirs[0] / stem}.jpg).", strict)
+    return pairs
+
+
+def _split_dirs(root: Path) -> list[tuple[Path, Path, str]]:
+    """Image/mask folder pairs of the DUTS release layout (and similar), with a name prefix."""
+    subdirs = {d.name.lower(): d for d in _subdirs(root)}
+    found = []
+    for lname, folder in sorted(subdirs.items()):
+        if lname.endswith("-image"):
+            mask_dir = subdirs.get(lname[: -len("-image")] + "-mask")
+            if mask_dir is not None:
+                found.append((folder, mask_dir, folder.name[: -len("-image")]))
+    if found:
+        return found
+    image_dirs = [d for n, d in subdirs.items() if n in _IMAGE_DIR_NAMES or n.endswith("-image")]
+    mask_dirs = [d for n, d in subdirs.items() if n in _MASK_DIR_NAMES or n.endswith("-mask")]
+    if len(image_dirs) == 1 and len(mask_dirs) == 1:
+        return [(image_dirs[0], mask_dirs[0], "")]
+    return []
+
+
+def detect_layout(root: str | os.PathLike[str]) -> str:
+    """Guesses the layout of a training folder.
+
+    Args:
+        root: Dataset folder.
+
+    Returns:
+        ``"duts"``, ``"flat"`` or ``"fss"``.
+
+    Raises:
+        DataError: The folder is missing or matches no layout.
+    """
+    root = Path(root)
+    _check_root(root)
+    if _split_dirs(root):
+        return "duts"
+    if any(_is_image(p) for p in _files(root)):
+        return "flat"
+    if any(any(_is_image(p) for p in _files(d)) for d in _subdirs(root)):
+        return "fss"
+    raise DataError(f"no image/mask pairs found under {root}; tried layouts: {_TRIED}.")
+
+
+def find_pairs(
+    root: str | os.PathLike[str], layout: str = "auto", strict: bool = True
+) -> list[Pair]:
+    """Lists the image/mask pairs of a training folder, sorted by name.
+
+    Args:
+        root: Dataset folder.
+        layout: ``"auto"``, ``"flat"``, ``"duts"`` or ``"fss"`` (see the module docstring).
+        strict: If True an image without mask (or mask without image) raises; if False it is
+            skipped with a warning.
+
+    Returns:
+        Pairs sorted by name; names are unique within the root.
+
+    Raises:
+        DataError: Missing root, unknown layout, unmatched files (strict), or no pairs at all.
+    """
+    root = Path(root)
+    _check_root(root)
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "flat":
+        files = _files(root)
+        pairs = _match_stems(
+            [p for p in files if _is_image(p)],
+            [p for p in files if p.suffix.lower() == _MASK_SUFFIX],
+            (root, root),
+            "",
+            strict,
+        )
+    elif layout == "duts":
+        dirs = _split_dirs(root)
+        if not dirs:
+            raise DataError(
+                f"{root} has no <NAME>-Image/ + <NAME>-Mask/ folders (layout 'duts'); "
+                f"tried layouts: {_TRIED}."
+            )
+        pairs = []
+        for image_dir, mask_dir, name in dirs:
+            files = _files(image_dir)
+            masks = [p for p in _files(mask_dir) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            prefix = f"{name}/" if len(dirs) > 1 else ""
+            images = [p for p in files if _is_image(p)]
+            pairs += _match_stems(images, masks, (image_dir, mask_dir), prefix, strict)
+    elif layout == "fss":
+        pairs = []
+        for class_dir in _subdirs(root):
+            files = _files(class_dir)
+            pairs += _match_stems(
+                [p for p in files if _is_image(p)],
+                [p for p in files if p.suffix.lower() == _MASK_SUFFIX],
+                (class_dir, class_dir),
+                f"{class_dir.name}/",
+                strict,
+            )
+    else:
+        raise DataError(f"unknown layout {layout!r}; use one of 'auto', {', '.join(LAYOUTS)}.")
+    if not pairs:
+        raise DataError(
+            f"no image/mask pairs found under {root} (layout {layout!r}); tried layouts: {_TRIED}."
+        )
+    return sorted(pairs, key=lambda p: p.name)
+
+
+def find_big_split(
+    split_dir: str | os.PathLike[str],
+    coarse_dir: str | os.PathLike[str] | None = None,
+    require_gt: bool = True,
+    require_coarse: bool = True,
+) -> list[BigItem]:
+    """Lists a BIG-layout split: ``<name>_im.jpg`` + ``<name>_gt.png`` (+ ``<name>_seg.png``).
+
+    Args:
+        split_dir: Folder with ``<name>_im.<jpg|jpeg|png>`` and ``<name>_gt.png`` files.
+        coarse_dir: Folder with the coarse masks ``<name>_seg.png``; default ``split_dir``.
+        require_gt: Raise if an image has no ``_gt.png`` (False: ``gt=None``).
+        require_coarse: Raise if an image has no ``_seg.png`` (False: ``coarse=None``).
+
+    Returns:
+        Items sorted by name.
+
+    Raises:
+        DataError: Missing folders, no images, or a missing GT / coarse mask.
+    """
+    split_dir = Path(split_dir)
+    coarse_dir = split_dir if coarse_dir is None else Path(coarse_dir)
+    _check_root(split_dir)
+    if coarse_dir != split_dir and not coarse_dir.is_dir():
+        raise DataError(f"coarse mask folder not found: {coarse_dir}. Check data.*.coarse_dirs.")
+    items: dict[str, BigItem] = {}
+    for path in _files(split_dir):
+        stem, suffix = path.stem, path.suffix.lower()
+        if not stem.endswith("_im") or suffix not in (".jpg", ".jpeg", ".png"):
+            continue
+        name = stem[: -len("_im")]
+        if name in items:
+            raise DataError(f"two images for {name!r} in {split_dir}: {items[name].image}, {path}.")
+        gt = split_dir / f"{name}_gt.png"
+        coarse = coarse_dir / f"{name}_seg.png"
+        if not gt.is_file():
+            if require_gt:
+                raise DataError(f"image {path} has no ground truth {gt}.")
+            gt = None
+        if not coarse.is_file():
+            if require_coarse:
+                raise DataError(
+                    f"image {path} has no coarse mask {coarse}; every <name>_im.jpg needs a "
+                    f"<name>_seg.png in {coarse_dir}."
+                )
+            coarse = None
+        items[name] = BigItem(name=name, image=path, gt=gt, coarse=coarse)
+    if not items:
+        raise DataError(
+            f"no BIG-layout images (<name>_im.jpg with <name>_gt.png) found in {split_dir}."
+        )
+    return [items[n] for n in sorted(items)]

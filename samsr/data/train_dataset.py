@@ -1,0 +1,226 @@
+"""Datasets: random training crops with synthesised coarse masks, and BIG-layout evaluation items.
+
+See :mod:`samsr.data` for the sample dicts (the batch contract).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from samsr.data.coarse_synthesis import synthesize_coarse
+from samsr.data.io import DataError, read_image, read_mask
+from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs
+from samsr.data.transforms import CropFlip, image_to_tensor, mask_to_tensor, photometric
+
+__all__ = ["EvalDataset", "RefinementTrainDataset"]
+
+ExtraLoader = Callable[[Pair, tuple[int, int]], np.ndarray]
+"""``(pair, (H, W)) -> H x W x C`` uint8 map aligned with the image (e.g. a cached SAM map)."""
+
+
+class RefinementTrainDataset(Dataset):
+    """Random crops of image/GT pairs with a coarse mask synthesised from the cropped GT.
+
+    Per sample (SPEC section 3): read image and GT (binarised ``> 128``, or non-zero for 0/1 masks),
+    pad-if-needed + random ``crop_size`` crop + horizontal flip jointly, synthesise the coarse
+    mask from the cropped GT (:func:`~samsr.data.coarse_synthesis.synthesize_coarse`), colour
+    jitter + random grayscale on the image only.
+
+    Randomness: each ``__getitem__`` uses its own ``np.random.Generator``.
+
+    * ``seed=None`` (training): seeded from ``(s, index)`` where ``s`` is drawn from torch's global
+      RNG. DataLoader workers have distinct torch seeds (derived from the main process's), so
+      workers and epochs differ, and a run under ``torch.manual_seed`` is reproducible (for the same
+      ``num_workers``/sampler order).
+    * ``seed=int``: seeded from ``(seed, epoch, index)``: sample ``i`` is a pure function of them
+      (fixed validation crops, tests). Call :meth:`set_epoch` to vary it per epoch.
+
+    Args:
+        roots: Dataset folders, merged; each folder's layout is detected (or given by ``layout``).
+        crop_size: Crop side S.
+        layout: ``"auto"`` or a layout of :func:`~samsr.data.layouts.find_pairs`, for every root.
+        iou_range: Range of the coarse mask's IoU target.
+        seed: See above.
+        strict: Unmatched files raise (True) or are skipped with a warning (False).
+        photometric: Apply colour jitter and random grayscale.
+        flip_prob: Horizontal flip probability.
+        max_rounds: Maximum perturbation rounds of the coarse synthesis.
+        extra_loader: Optional callable giving an aligned ``H x W x C`` uint8 map per pair; it is
+            cropped/flipped like the image and returned as ``extra`` (``C x S x S`` in [0, 1]).
+
+    Raises:
+        DataError: Missing roots, no pairs at all, duplicate root folder names.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        crop_size: int = 224,
+        layout: str = "auto",
+        iou_range: tuple[float, float] = (0.8, 1.0),
+        seed: int | None = None,
+        strict: bool = True,
+        photometric: bool = True,
+        flip_prob: float = 0.5,
+        max_rounds: int = 250,
+        extra_loader: ExtraLoader | None = None,
+    ) -> None:
+        if isinstance(roots, (str, os.PathLike)):
+            roots = [roots]
+        if not roots:
+            raise DataError("RefinementTrainDataset needs at least one data root (roots=[...]).")
+        self.roots = [Path(r) for r in roots]
+        self.crop_size = int(crop_size)
+        self.iou_range = (float(iou_range[0]), float(iou_range[1]))
+        self.seed = seed
+        self.photometric = photometric
+        self.flip_prob = flip_prob
+        self.max_rounds = max_rounds
+        self.extra_loader = extra_loader
+        self.epoch = 0
+        self.pairs: list[Pair] = []
+        self.names: list[str] = []
+        root_names: dict[str, Path] = {}
+        for root in self.roots:
+            if root.name in root_names:
+                raise DataError(
+                    f"two data roots share the folder name {root.name!r}: {root_names[root.name]} "
+                    f"and {root}; sample names would collide. Rename or link one of them."
+                )
+            root_names[root.name] = root
+            for pair in find_pairs(root, layout=layout, strict=strict):
+                self.pairs.append(pair)
+                self.names.append(f"{root.name}/{pair.name}")
+        if not self.pairs:
+            raise DataError(f"no training pairs found in {[str(r) for r in self.roots]}.")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch mixed into the per-sample seed when ``seed`` is given."""
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if self.seed is not None:
+            return np.random.default_rng([int(self.seed), self.epoch, index])
+        draw = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        return np.random.default_rng([draw, index])
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Reads pair ``index`` at full size: (``H x W x 3`` uint8 RGB, ``H x W`` uint8 0/255)."""
+        pair = self.pairs[index]
+        image = read_image(pair.image)
+        gt = read_mask(pair.mask)
+        if gt.shape != image.shape[:2]:
+            raise DataError(
+                f"mask {pair.mask} is {gt.shape[1]}x{gt.shape[0]} (WxH) but image {pair.image} is "
+                f"{image.shape[1]}x{image.shape[0]}; they must have the same size."
+            )
+        return image, gt
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Returns ``image`` 3xSxS, ``coarse``/``gt`` 1xSxS float32, ``meta`` (name, index)."""
+        if not 0 <= index < len(self.pairs):
+            raise IndexError(f"index {index} out of range for {len(self.pairs)} samples")
+        rng = self._rng(index)
+        image, gt = self.load(index)
+        geometry = CropFlip.sample(*gt.shape, self.crop_size, rng, flip_prob=self.flip_prob)
+        image = geometry.apply(image)
+        gt = geometry.apply(gt)
+        coarse = synthesize_coarse(gt, rng, iou_range=self.iou_range, max_rounds=self.max_rounds)
+        image_f = image.astype(np.float32) / 255.0
+        if self.photometric:
+            image_f = photometric(image_f, rng)
+        sample: dict[str, Any] = {
+            "image": image_to_tensor(image_f),
+            "coarse": mask_to_tensor(coarse),
+            "gt": mask_to_tensor(gt),
+            "meta": {"name": self.names[index], "index": index},
+        }
+        if self.extra_loader is not None:
+            pair = self.pairs[index]
+            extra = np.asarray(self.extra_loader(pair, (geometry.height, geometry.width)))
+            sample["extra"] = self._extra_tensor(extra, pair, geometry)
+        return sample
+
+    @staticmethod
+    def _extra_tensor(extra: np.ndarray, pair: Pair, geometry: CropFlip) -> torch.Tensor:
+        if extra.shape[:2] != (geometry.height, geometry.width):
+            raise DataError(
+                f"extra map for {pair.image} has shape {extra.shape}, expected "
+                f"{geometry.height}x{geometry.width} (the image size)."
+            )
+        if extra.ndim == 2:
+            extra = extra[..., None]
+        return image_to_tensor(geometry.apply(extra.astype(np.uint8, copy=False)))
+
+
+class EvalDataset(Dataset):
+    """Full-resolution evaluation items of a BIG-layout split (not batched).
+
+    A coarse mask of a different size than the image is resized to the image size (bilinear) and
+    binarised ``> 128``, the rule SPEC section 2 applies to predictions; a GT of a different size
+    raises.
+
+    Args:
+        split_dir: Folder with ``<name>_im.jpg`` + ``<name>_gt.png``.
+        coarse_dir: Folder with ``<name>_seg.png``; default ``split_dir``.
+        source: Name of the coarse-mask source (segmentor), copied into each item.
+        max_images: Keep only the first ``max_images`` items (sorted by name).
+
+    Raises:
+        DataError: See :func:`~samsr.data.layouts.find_big_split`.
+    """
+
+    def __init__(
+        self,
+        split_dir: str | os.PathLike[str],
+        coarse_dir: str | os.PathLike[str] | None = None,
+        source: str = "seg",
+        max_images: int | None = None,
+    ) -> None:
+        self.split_dir = Path(split_dir)
+        self.coarse_dir = None if coarse_dir is None else Path(coarse_dir)
+        self.source = source
+        items = find_big_split(self.split_dir, self.coarse_dir)
+        self.items: list[BigItem] = items if max_images is None else items[: int(max_images)]
+        if not self.items:
+            raise DataError(f"max_images={max_images} leaves no items in {self.split_dir}.")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Returns ``image`` HxWx3 uint8 RGB, ``gt``/``coarse`` HxW uint8 {0,255}, name, source."""
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for {len(self.items)} items")
+        item = self.items[index]
+        assert item.gt is not None and item.coarse is not None  # find_big_split requires both
+        image = read_image(item.image)
+        gt = read_mask(item.gt)
+        height, width = image.shape[:2]
+        if gt.shape != (height, width):
+            raise DataError(
+                f"ground truth {item.gt} is {gt.shape[1]}x{gt.shape[0]} (WxH) but image "
+                f"{item.image} is {width}x{height}; they must have the same size."
+            )
+        coarse = read_mask(item.coarse)
+        if coarse.shape != (height, width):
+            resized = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
+            coarse = np.where(resized > 128, np.uint8(255), np.uint8(0))
+        return {
+            "image": image,
+            "gt": gt,
+            "coarse": coarse,
+            "name": item.name,
+            "source": self.source,
+        }

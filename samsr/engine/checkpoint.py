@@ -1,0 +1,168 @@
+"""Checkpoints: atomic writes, exact-resume state, and loading weights from any supported file.
+
+A samsr checkpoint is a dict holding only plain containers and tensors (loadable with
+``torch.load(..., weights_only=True)``):
+
+    {"format": "samsr", "version": str, "model_name": str, "model": state_dict,
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "step": int, "rng": {...},
+     "config": dict (resolved), "git_commit": str | None}
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import samsr
+
+CKPT_FORMAT = "samsr"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not fit the model."""
+
+
+def git_commit() -> str | None:
+    """Commit hash of the samsr source tree, or None outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` with torch.save to a temp file in the same folder, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (python, numpy, torch, cuda) as weights_only-safe containers."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states saved by :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file to CPU with a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Train one with `python scripts/train.py` "
+            "(checkpoints land in <run dir>/checkpoints/), or download the official CRM "
+            "weights (model_45705) and pass their path; see checkpoints/README.md."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def model_state_from_file(path: str | Path, model_name: str | None = None) -> dict[str, Any]:
+    """Return a state dict for ``model`` from a samsr or an official CRM checkpoint.
+
+    Args:
+        path: the checkpoint file.
+        model_name: the name of the model that will receive the weights (``cfg.model.name``);
+            a samsr checkpoint of another variant is refused with a clear message.
+    """
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
+        saved = ckpt.get("model_name")
+        if model_name is not None and saved is not None and saved != model_name:
+            raise CheckpointError(
+                f"{path} holds a '{saved}' model but the config builds '{model_name}': "
+                f"pass model={saved} or another checkpoint."
+            )
+        return ckpt["model"]
+    # Not ours: the official CRM release (a raw, DataParallel-prefixed state dict).
+    from samsr.models.crm_official import convert_official_crm
+
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is neither a samsr checkpoint nor a CRM state dict")
+    return convert_official_crm(state)
+
+
+def load_model_weights(model: nn.Module, path: str | Path, model_name: str | None = None) -> None:
+    """Load weights into ``model`` (strict) from a samsr or official CRM checkpoint."""
+    state = model_state_from_file(path, model_name)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"weights in {path} do not fit the configured model ({model_name}): {err}\n"
+            "Check model.net.backbone / model variant against the run that wrote the checkpoint."
+        ) from err
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    step: int,
+    config: dict[str, Any],
+    model_name: str,
+) -> dict[str, Any]:
+    """Everything needed to resume training exactly at ``step``."""
+    return {
+        "format": CKPT_FORMAT,
+        "version": samsr.__version__,
+        "model_name": model_name,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+        "config": config,
+        "git_commit": git_commit(),
+    }

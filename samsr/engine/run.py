@@ -1,0 +1,150 @@
+"""Entry points behind ``scripts/train.py`` and ``scripts/eval.py`` (config in, results out)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from samsr.device import resolve_device
+from samsr.engine.builders import (
+    ConfigError,
+    build_eval_datasets,
+    build_loss,
+    build_model,
+    build_refiner,
+    build_train_dataset,
+    prepare_data,
+    to_container,
+)
+from samsr.engine.evaluator import evaluate, format_results
+from samsr.engine.trainer import Trainer, TrainSettings
+
+log = logging.getLogger(__name__)
+
+# Metrics logged to TensorBoard during validation.
+_VAL_KEYS = ("iou", "mba", "iou_coarse", "mba_coarse", "iou_delta", "mba_delta")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _dtype_name(inference_cfg: DictConfig) -> str:
+    return str(inference_cfg.get("amp_dtype") or "float32")
+
+
+def evaluate_model(
+    model: nn.Module,
+    cfg: DictConfig,
+    device: torch.device,
+    split: str,
+    out_dir: str | Path | None,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``cfg.data.<split>``."""
+    datasets = build_eval_datasets(cfg.data, split, max_images)
+    refiner = build_refiner(model, cfg.inference, device)
+    return evaluate(
+        refiner,
+        datasets,
+        device,
+        out_dir=out_dir,
+        method=str(cfg.model.get("name", "refined")),
+        warmup=int(cfg.eval.warmup),
+        save_masks=bool(cfg.eval.save_masks),
+        dtype=_dtype_name(cfg.inference),
+        progress=progress,
+    )
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume) a refiner, then optionally evaluate it on ``data.test``.
+
+    Returns:
+        ``{"run_dir": Path, "checkpoint": Path, "test": results or None}``.
+    """
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("resume"):
+        resume = Path(cfg.resume)
+        if not resume.is_file():
+            raise ConfigError(f"resume checkpoint not found: {resume}")
+        run_dir = resume.resolve().parent.parent  # <run dir>/checkpoints/<file>.pt
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run dir: %s, device: %s", run_dir, device)
+
+    prepare_data(cfg.data)
+    dataset = build_train_dataset(cfg.data)
+    model = build_model(cfg.model, weights=cfg.model.get("init_weights"))
+    settings = TrainSettings(**cfg.trainer)
+
+    validate = None
+    if cfg.data.get("val") and settings.val_every > 0:
+
+        def validate(m: nn.Module, step: int) -> dict[str, float]:
+            res = evaluate_model(
+                m, cfg, device, "val", run_dir / "val" / f"step_{step:07d}",
+                max_images=settings.val_max_images, progress=False,
+            )  # fmt: skip
+            return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
+
+    trainer = Trainer(
+        model=model,
+        loss_fn=build_loss(cfg.model),
+        optimizer_factory=instantiate(cfg.optim.optimizer),
+        scheduler_factory=instantiate(cfg.optim.scheduler),
+        dataset=dataset,
+        settings=settings,
+        run_dir=run_dir,
+        device=device,
+        seed=int(cfg.seed),
+        config=to_container(cfg),
+        model_name=str(cfg.model.name),
+        validate=validate,
+    )
+    if cfg.get("resume"):
+        trainer.resume(cfg.resume)
+    ckpt = trainer.fit()
+    log.info("checkpoint: %s", ckpt)
+
+    results = None
+    if cfg.get("test_after_training") and cfg.data.get("test"):
+        results = evaluate_model(
+            trainer.model, cfg, device, "test", run_dir / "test", cfg.eval.get("max_images")
+        )
+        print(format_results(results, method=str(cfg.model.name)))
+        print(f"\nresults: {run_dir / 'test' / 'results.md'}\ncheckpoint: {ckpt}")
+    return {"run_dir": run_dir, "checkpoint": ckpt, "test": results}
+
+
+def run_eval(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate a checkpoint on ``data.<split>``; writes metrics.json and results.md."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ConfigError(
+            "eval needs weights: pass ckpt_path=<run dir>/checkpoints/last.pt (from "
+            "scripts/train.py) or the official CRM checkpoint (see checkpoints/README.md)"
+        )
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    prepare_data(cfg.data)
+    model = build_model(cfg.model, weights=cfg.ckpt_path)
+    out_dir = Path(cfg.paths.output_dir)
+    results = evaluate_model(
+        model, cfg, device, str(cfg.split), out_dir, cfg.eval.get("max_images")
+    )
+    print(format_results(results, method=str(cfg.model.name)))
+    print(f"\nresults: {out_dir / 'results.md'}")
+    return results

@@ -1,0 +1,7 @@
+"""samsr.models: the refinement networks and their losses."""
+
+from samsr.models.crm import CRM, build_crm
+from samsr.models.crm_official import convert_official_crm, load_official_crm
+from samsr.models.losses import RefinementLoss
+
+__all__ = ["CRM", "RefinementLoss", "build_crm", "convert_official_crm", "load_official_crm"]

@@ -1,0 +1,213 @@
+"""CRM's implicit (LIIF-style) decoder: an MLP queried at continuous coordinates, local ensemble.
+
+Coordinate convention (reference ``make_coord``): a pixel/cell ``(i, j)`` of an ``h x w`` grid has
+centre ``(y, x) = (-1 + (2i + 1) / h, -1 + (2j + 1) / w)``; coordinates are stored **y first**
+(``[..., 0]`` = row, ``[..., 1]`` = column) and flipped to ``(x, y)`` only for ``grid_sample``.
+The cell of a query grid is ``(2 / H, 2 / W)``, the size of one query pixel in the same units.
+
+Reference facts (dvlab-research/Entity, High-Quality-Segmention/models/network/crm.py and
+crm_transferCoord_transferFeat.py, ``CRMNet.forward``):
+
+* four shifts ``(vy, vx)`` in the order (-1,-1), (-1,+1), (+1,-1), (+1,+1) (row shift outer);
+  shift = ``v * r + 1e-6`` with ``r = 2 / h / 2`` (rows) or ``2 / w / 2`` (cols), the ``+1e-6``
+  added for both signs; the shifted coords are clamped to ``[-1 + 1e-6, 1 - 1e-6]``;
+* the feature and the feature-cell centre are read with ``grid_sample(mode='nearest',
+  align_corners=False)``; ``rel_coord = (query - centre) * (h, w)`` (unshifted query);
+* MLP input = cat[feature (C), rel_coord (2), query coord (2), cell * (h, w) (2)] (C + 6 dims);
+* area_k = ``|rel_y * rel_x| + 1e-9``; total = sum of the four; the areas are swapped 0<->3 and
+  1<->2 (each prediction weighted by the diagonally opposite area), summed in shift order.
+
+Here the nearest cell is found with ``grid_sample`` on tiny row/column index maps (the same
+kernel and the same source-index arithmetic as sampling the feature map itself), then the
+feature is gathered: bitwise the same selection as the reference, without sampling 258 channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ImplicitDecoder", "make_coord", "query_grid"]
+
+_EPS_SHIFT = 1e-6  # ref eps_shift
+_CLAMP = 1e-6  # ref coord_.clamp_(-1 + 1e-6, 1 - 1e-6)
+_AREA_EPS = 1e-9  # ref areas.append(area + 1e-9)
+
+
+def coord_seq(
+    n: int, v0: float = -1.0, v1: float = 1.0, device: torch.device | str | None = None
+) -> Tensor:
+    """Centres of ``n`` equal cells spanning [v0, v1], float32 (one axis of :func:`make_coord`)."""
+    r = (v1 - v0) / (2 * n)
+    # same expression and float32 op order as the reference, so values match bit for bit
+    return v0 + r + (2 * r) * torch.arange(n, device=device).float()
+
+
+def make_coord(
+    shape: Sequence[int],
+    ranges: Sequence[tuple[float, float]] | None = None,
+    flatten: bool = True,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Cell-centre coordinates of a grid, y first (reference ``make_coord``).
+
+    Args:
+        shape: grid size per axis, e.g. (h, w).
+        ranges: per-axis (v0, v1); default (-1, 1) for every axis.
+        flatten: return (prod(shape)) x D instead of shape x D.
+        device: where to build the tensor.
+
+    Returns:
+        h x w x 2 (or h*w x 2, row-major) float32 coordinates, ``[..., 0]`` = y.
+    """
+    seqs = [
+        coord_seq(n, *(ranges[i] if ranges is not None else (-1.0, 1.0)), device=device)
+        for i, n in enumerate(shape)
+    ]
+    ret = torch.stack(torch.meshgrid(*seqs, indexing="ij"), dim=-1)
+    if flatten:
+        ret = ret.view(-1, ret.shape[-1])
+    return ret
+
+
+def query_grid(
+    h: int, w: int, batch: int = 1, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Queries for every pixel of an h x w grid (reference ``to_pixel_samples`` + cell).
+
+    Args:
+        h: grid height.
+        w: grid width.
+        batch: batch size B.
+        device: where to build the tensors.
+
+    Returns:
+        (coords, cell), both B x (h*w) x 2 float32 (expanded views, row-major pixel order):
+        coords = pixel centres (y, x) in [-1, 1]; cell = (2 / h, 2 / w) for every query.
+    """
+    coords = make_coord((h, w), device=device).unsqueeze(0).expand(batch, h * w, 2)
+    cell = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=device)
+    return coords, cell.expand(batch, h * w, 2)
+
+
+def _scale_yx(t: Tensor, h: int, w: int) -> Tensor:
+    """Multiplies ``t[..., 0]`` by h and ``t[..., 1]`` by w in place (``t`` must own its memory)."""
+    t[..., 0] *= h
+    t[..., 1] *= w
+    return t
+
+
+def _nearest_index(index_map: Tensor, grid: Tensor) -> Tensor:
+    """Nearest-cell index along one axis with the reference's ``grid_sample`` arithmetic.
+
+    Args:
+        index_map: B x 1 x h x 1 (row indices) or B x 1 x 1 x w (column indices), float32.
+        grid: B x 1 x N x 2 sampling grid, (x, y) order.
+
+    Returns:
+        B x N int64 indices.
+    """
+    out = F.grid_sample(index_map, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out[:, 0, 0, :].long()
+
+
+def _gather(feat: Tensor, index: Tensor) -> Tensor:
+    """Reads the feature vectors at flat cell indices.
+
+    Args:
+        feat: B x C x h x w (contiguous or channels_last).
+        index: B x N int64 flat indices (row * w + col).
+
+    Returns:
+        B x N x C.
+    """
+    b, c = feat.shape[:2]
+    n = index.shape[1]
+    if not feat.is_contiguous() and feat.is_contiguous(memory_format=torch.channels_last):
+        rows = feat.permute(0, 2, 3, 1).reshape(b, -1, c)  # a view: B x hw x C
+        if b == 1:
+            return rows[0].index_select(0, index[0]).unsqueeze(0)
+        return torch.gather(rows, 1, index.unsqueeze(-1).expand(b, n, c))
+    flat = feat.reshape(b, c, -1)
+    if b == 1:
+        return flat[0].index_select(1, index[0]).t().unsqueeze(0)
+    return torch.gather(flat, 2, index.unsqueeze(1).expand(b, c, n)).transpose(1, 2)
+
+
+class ImplicitDecoder(nn.Module):
+    """Shared MLP decoding a logit at any continuous coordinate with a 4-cell local ensemble.
+
+    Args:
+        feat_dim: channels C of the feature map.
+        hidden: hidden widths of the MLP (ReLU after each); input C + 6, output 1.
+    """
+
+    def __init__(self, feat_dim: int = 256, hidden: Sequence[int] = (32, 32, 32, 32)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        last = feat_dim + 6  # feature, rel_coord, coord, rel_cell (ref MLP in_dim=256+6)
+        for width in hidden:
+            layers += [nn.Linear(last, int(width)), nn.ReLU()]
+            last = int(width)
+        layers.append(nn.Linear(last, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.feat_dim = feat_dim
+
+    def forward(self, feat: Tensor, coords: Tensor, cell: Tensor) -> Tensor:
+        """Decodes logits at the query coordinates.
+
+        Args:
+            feat: B x C x h x w feature map.
+            coords: B x N x 2 query centres, (y, x) in [-1, 1] (:func:`make_coord` convention).
+            cell: B x N x 2 query cell size (2 / H, 2 / W) of the query grid.
+
+        Returns:
+            B x N logits.
+        """
+        b, c, h, w = feat.shape
+        if c != self.feat_dim:
+            raise ValueError(f"Expected {self.feat_dim} feature channels, got {c}.")
+        if coords.dim() != 3 or coords.shape[0] != b or coords.shape[-1] != 2:
+            raise ValueError(f"coords must be {b} x N x 2, got {tuple(coords.shape)}.")
+        if cell.shape != coords.shape:
+            raise ValueError(f"cell must match coords {tuple(coords.shape)}, got {cell.shape}.")
+        n = coords.shape[1]
+        dev, dt = coords.device, coords.dtype
+        # the feature-cell centres (ref feat_coord = make_coord(feat.shape[-2:]))
+        ys = coord_seq(h, device=dev)
+        xs = coord_seq(w, device=dev)
+        rows = torch.arange(h, device=dev, dtype=dt).view(1, 1, h, 1).expand(b, 1, h, 1)
+        cols = torch.arange(w, device=dev, dtype=dt).view(1, 1, 1, w).expand(b, 1, 1, w)
+        rel_cell = _scale_yx(cell.clone(), h, w)  # ref rel_cell = cell * (h, w)
+        rx = 2 / h / 2  # ref rx: half a feature cell along y (index 0)
+        ry = 2 / w / 2  # ref ry: half a feature cell along x (index 1)
+
+        preds: list[Tensor] = []
+        areas: list[Tensor] = []
+        for vx in (-1, 1):  # ref: vx shifts coord[..., 0] (y), outer loop
+            for vy in (-1, 1):  # ref: vy shifts coord[..., 1] (x), inner loop
+                shifted = coords.clone()  # Python-scalar ops: no host-to-device copies
+                shifted[..., 0] += vx * rx + _EPS_SHIFT
+                shifted[..., 1] += vy * ry + _EPS_SHIFT
+                shifted.clamp_(-1 + _CLAMP, 1 - _CLAMP)
+                grid = shifted.flip(-1).unsqueeze(1)  # B x 1 x N x (x, y) for grid_sample
+                iy = _nearest_index(rows, grid)
+                ix = _nearest_index(cols, grid)
+                q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
+                q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
+                rel_coord = _scale_yx(coords - q_coord, h, w)  # ref: (coord - q_coord) * (h, w)
+                inp = torch.cat([q_feat, rel_coord, coords, rel_cell], dim=-1)  # ref order
+                preds.append(self.mlp(inp.view(b * n, -1)).view(b, n))
+                areas.append(torch.abs(rel_coord[..., 0] * rel_coord[..., 1]) + _AREA_EPS)
+
+        tot_area = torch.stack(areas).sum(dim=0)
+        # ref local ensemble: areas swapped 0<->3, 1<->2 (each prediction weighted by the area of
+        # the diagonally opposite cell), accumulated in shift order
+        weights = areas[::-1]
+        ret = preds[0] * (weights[0] / tot_area)
+        for pred, area in zip(preds[1:], weights[1:]):
+            ret = ret + pred * (area / tot_area)
+        return ret

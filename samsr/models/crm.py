@@ -1,0 +1,189 @@
+"""CRM (Shen et al., CVPR 2022): ResNet encoder + fusion + implicit local-ensemble decoder.
+
+Reference facts (dvlab-research/Entity, High-Quality-Segmention: models/network/crm.py,
+dataset/online_dataset_crm.py, dataset/offline_dataset_crm_pad32.py):
+
+* the image is ``ToTensor`` ([0, 1]) then ``Normalize`` with the ImageNet mean/std
+  (``(x - mean) / std``); the mask is ``ToTensor`` then ``Normalize(0.5, 0.5)``, i.e. [-1, 1];
+* the network input is ``cat((image, mask), 1)``: image channels first, then the mask;
+* the decoder is queried at every pixel centre of the input grid with cell (2 / H, 2 / W)
+  (``to_pixel_samples`` + ``cell``), giving logits (``out_224``); sigmoid gives ``pred_224``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from samsr.models.components.fusion import Fusion
+from samsr.models.components.implicit_decoder import ImplicitDecoder, query_grid
+from samsr.models.components.resnet_encoder import ResNetEncoder
+
+__all__ = ["CRM", "IMAGENET_MEAN", "IMAGENET_STD", "build_crm"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ref im_transform Normalize mean
+IMAGENET_STD = (0.229, 0.224, 0.225)  # ref im_transform Normalize std
+
+
+class CRM(nn.Module):
+    """Continuous Refinement Model.
+
+    Args:
+        encoder: maps B x in_channels x H x W to the (stride 2, 4, 8) feature tuple.
+        fusion: maps that tuple to a B x C x h x w feature map at stride 2.
+        decoder: implicit decoder over that feature map.
+        in_channels: channels of the normalised input: 3 (image) + 1 (mask) + extras.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        fusion: nn.Module,
+        decoder: ImplicitDecoder,
+        in_channels: int = 4,
+    ) -> None:
+        super().__init__()
+        if in_channels < 4:
+            raise ValueError(f"in_channels must be >= 4 (image + mask), got {in_channels}.")
+        self.encoder = encoder
+        self.fusion = fusion
+        self.decoder = decoder
+        self.in_channels = in_channels
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    def normalize_inputs(
+        self, image: Tensor, coarse: Tensor, extra: Tensor | None = None
+    ) -> Tensor:
+        """Builds the network input from raw tensors.
+
+        Args:
+            image: B x 3 x H x W RGB in [0, 1].
+            coarse: B x 1 x H x W mask in [0, 1] (soft values allowed).
+            extra: optional B x E x H x W extra channels, appended unchanged (SAM-SR variants
+                normalise their own channels).
+
+        Returns:
+            B x in_channels x H x W: [(image - mean) / std, (coarse - 0.5) / 0.5, extra].
+        """
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be B x 3 x H x W, got {tuple(image.shape)}.")
+        if coarse.dim() != 4 or coarse.shape[1] != 1:
+            raise ValueError(f"coarse must be B x 1 x H x W, got {tuple(coarse.shape)}.")
+        if coarse.shape[0] != image.shape[0] or coarse.shape[-2:] != image.shape[-2:]:
+            raise ValueError(
+                f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}."
+            )
+        parts = [
+            (image - self.pixel_mean) / self.pixel_std,  # ref torchvision Normalize: sub, div
+            (coarse - 0.5) / 0.5,  # ref seg Normalize(mean=[0.5], std=[0.5]) -> [-1, 1]
+        ]
+        if extra is not None:
+            if extra.dim() != 4 or extra.shape[0] != image.shape[0]:
+                raise ValueError(f"extra must be B x E x H x W, got {tuple(extra.shape)}.")
+            if extra.shape[-2:] != image.shape[-2:]:
+                raise ValueError(
+                    f"extra {tuple(extra.shape)} does not match image {tuple(image.shape)}."
+                )
+            parts.append(extra.to(parts[0].dtype))
+        channels = sum(p.shape[1] for p in parts)
+        if channels != self.in_channels:
+            raise ValueError(
+                f"The model takes {self.in_channels} input channels but got {channels} "
+                f"(3 image + 1 mask + {channels - 4} extra)."
+            )
+        return torch.cat(parts, dim=1)  # ref: torch.cat((x, seg), 1)
+
+    def encode_normalized(self, x: Tensor) -> Tensor:
+        """Encodes an already normalised input.
+
+        Args:
+            x: B x in_channels x H x W from :meth:`normalize_inputs` (possibly resized).
+
+        Returns:
+            B x C x ceil(H/2) x ceil(W/2) feature map (C = 256 for CRM).
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"Expected B x {self.in_channels} x H x W input, got {tuple(x.shape)}."
+            )
+        return self.fusion(self.encoder(x))
+
+    def encode(self, image: Tensor, coarse: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Normalises and encodes.
+
+        Args:
+            image: B x 3 x H x W RGB in [0, 1].
+            coarse: B x 1 x H x W mask in [0, 1].
+            extra: optional B x E x H x W extra channels.
+
+        Returns:
+            B x C x ceil(H/2) x ceil(W/2) feature map (the conv1 output size).
+        """
+        return self.encode_normalized(self.normalize_inputs(image, coarse, extra))
+
+    def decode(self, feat: Tensor, coords: Tensor, cell: Tensor) -> Tensor:
+        """Decodes logits at query coordinates.
+
+        Args:
+            feat: B x C x h x w from :meth:`encode`.
+            coords: B x N x 2 query centres, (y, x) in [-1, 1].
+            cell: B x N x 2 query cell sizes (2 / H, 2 / W).
+
+        Returns:
+            B x N logits.
+        """
+        return self.decoder(feat, coords, cell)
+
+    def forward(
+        self, image: Tensor, coarse: Tensor, extra: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Training forward: one scale, every pixel of the input grid queried.
+
+        Args:
+            image: B x 3 x H x W RGB in [0, 1].
+            coarse: B x 1 x H x W mask in [0, 1].
+            extra: optional B x E x H x W extra channels.
+
+        Returns:
+            ``{"logits": B x 1 x H x W}``.
+        """
+        feat = self.encode(image, coarse, extra)
+        b, _, h, w = image.shape
+        coords, cell = query_grid(h, w, b, device=image.device)
+        logits = self.decode(feat, coords, cell)
+        return {"logits": logits.view(b, 1, h, w)}
+
+
+def build_crm(
+    backbone: str = "resnet50",
+    in_channels: int = 4,
+    pretrained: str | bool | None = None,
+    decoder_hidden: Sequence[int] = (32, 32, 32, 32),
+    dropout: float = 0.5,
+) -> CRM:
+    """Builds CRM from plain values.
+
+    Args:
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` (the reference) or ``resnet101``.
+        in_channels: 4 for CRM (image + mask); more for SAM-SR variants with extra channels.
+        pretrained: None/False (random init), a local torchvision ImageNet state-dict path, or
+            ``"imagenet"`` (True is an alias) to let torchvision download the weights.
+        decoder_hidden: hidden widths of the decoder MLP.
+        dropout: dropout probability in the fusion module.
+
+    Returns:
+        The model (train mode).
+    """
+    if pretrained is False:
+        pretrained = None
+    elif pretrained is True:
+        pretrained = "imagenet"
+    encoder = ResNetEncoder(backbone, in_channels=in_channels, pretrained=pretrained)
+    fusion = Fusion(in_channels=encoder.out_channels, out_channels=256, dropout=dropout)
+    decoder = ImplicitDecoder(feat_dim=fusion.out_channels, hidden=tuple(decoder_hidden))
+    return CRM(encoder, fusion, decoder, in_channels=in_channels)

@@ -1,0 +1,56 @@
+"""Shared fixtures: compose the real Hydra configs with one TINY override list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# Small enough for a CPU test run; every model config must accept these overrides.
+TINY = [
+    "device=cpu",
+    "model.net.backbone=resnet18",
+    "trainer.batch_size=2",
+    "trainer.num_workers=0",
+    "trainer.log_every=1",
+    "trainer.image_every=1",
+    "data.train.crop_size=48",
+    "inference.scales=[0.5,1.0]",
+    "inference.chunk_size=4096",
+    "eval.warmup=0",
+]
+
+# A tiny synthetic set: 4 training images, 1 val and 2 test images of ~100 px, 2 coarse sources.
+TINY_SYNTHETIC = [
+    "+data.prepare.num_train=4",
+    "+data.prepare.train_long_side=64",
+    "+data.prepare.num_val=1",
+    "+data.prepare.num_test=2",
+    "+data.prepare.test_long_side=[96,128]",
+]
+
+
+def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with outputs and data under ``tmp_path``."""
+    paths = [
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=paths + overrides)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Factory: ``tiny_cfg("train", [...])`` -> composed config with TINY + tiny synthetic data."""
+
+    def make(name: str, extra: list[str] | None = None) -> DictConfig:
+        tiny = [o for o in TINY if name == "train" or not o.startswith("trainer.")]
+        return compose_config(name, tiny + TINY_SYNTHETIC + (extra or []), tmp_path)
+
+    return make

@@ -1,0 +1,100 @@
+"""Checkpoint writing/loading and the resumable sample stream (no model needed)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from samsr.engine.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    load_checkpoint,
+    model_state_from_file,
+    rng_state,
+    set_rng_state,
+)
+from samsr.engine.data_stream import SampleStream, StreamSampler
+
+
+class _RandomDataset(Dataset):
+    """Each item draws from every global RNG, like augmentation does."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i: int) -> tuple[int, float, float, float]:
+        return i, random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_atomic_save_roundtrip_and_no_temp_left(tmp_path):
+    path = atomic_torch_save({"a": torch.arange(3)}, tmp_path / "sub" / "x.pt")
+    assert torch.equal(load_checkpoint(path)["a"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
+
+
+def test_atomic_save_failure_keeps_old_file(tmp_path):
+    path = atomic_torch_save({"v": 1}, tmp_path / "x.pt")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"v": Unpicklable()}, path)
+    assert load_checkpoint(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_missing_and_corrupt_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.pt"):
+        load_checkpoint(bad)
+
+
+def test_checkpoint_of_other_variant_refused(tmp_path):
+    path = atomic_torch_save(
+        {"format": "samsr", "model_name": "samsr_v2_1", "model": {}}, tmp_path / "v.pt"
+    )
+    with pytest.raises(CheckpointError, match="holds a 'samsr_v2_1' model .* builds 'crm'"):
+        model_state_from_file(path, "crm")
+
+
+def test_rng_state_roundtrip_survives_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    path = atomic_torch_save({"rng": rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_stream_is_a_function_of_seed_and_position():
+    stream = SampleStream(_RandomDataset(), seed=3)
+    first = [stream[k] for k in range(12)]
+    again = SampleStream(_RandomDataset(), seed=3)
+    assert [again[k] for k in (11, 4, 7)] == [first[11], first[4], first[7]]
+    # each epoch is a permutation of the dataset, and epochs differ in order
+    assert sorted(s[0] for s in first[:5]) == list(range(5))
+    assert sorted(s[0] for s in first[5:10]) == list(range(5))
+    other = SampleStream(_RandomDataset(), seed=4)
+    assert [other[k] for k in range(12)] != first
+
+
+def test_stream_sampler_resumes_at_position():
+    assert list(StreamSampler(6, 10)) == [6, 7, 8, 9]
+    assert len(StreamSampler(10, 10)) == 0
+
+
+def test_empty_dataset_rejected():
+    class Empty(Dataset):
+        def __len__(self) -> int:
+            return 0
+
+    with pytest.raises(ValueError, match="empty"):
+        SampleStream(Empty(), seed=0)
