@@ -26,11 +26,11 @@ TINY = [
 
 # A tiny synthetic set: 4 training images, 1 val and 2 test images of ~100 px, 2 coarse sources.
 TINY_SYNTHETIC = [
-    "+data.prepare.num_train=4",
-    "+data.prepare.train_long_side=64",
-    "+data.prepare.num_val=1",
-    "+data.prepare.num_test=2",
-    "+data.prepare.test_long_side=[96,128]",
+    "data.prepare.num_train=4",
+    "data.prepare.train_long_side=64",
+    "data.prepare.num_val=1",
+    "data.prepare.num_test=2",
+    "data.prepare.test_long_side=[96,128]",
 ]
 
 

@@ -276,3 +276,27 @@ def test_build_crm_param_count_resnet50() -> None:
     assert 9.0e6 < n < 9.6e6
     assert model.decoder.mlp[0].in_features == 262
     assert math.isclose(model.fusion.dropout.p, 0.5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_factorized_decoder_is_the_same_function(batch: int) -> None:
+    torch.manual_seed(0)
+    exact = ImplicitDecoder(feat_dim=16, hidden=(8, 8))
+    fast = ImplicitDecoder(feat_dim=16, hidden=(8, 8), factorized=True)
+    fast.load_state_dict(exact.state_dict())  # same parameters: a computation mode only
+    feat = torch.randn(batch, 16, 5, 7)
+    coords, cell = query_grid(13, 17, batch)
+    want = exact(feat, coords, cell)
+    got = fast(feat, coords, cell)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # preparing once and decoding chunks gives the same logits as decoding in one go
+    prepared = fast.prepare(feat)
+    assert prepared.shape == (batch, 8, 5, 7)
+    parts = [fast(prepared, coords[:, i : i + 50], cell[:, i : i + 50], prepared=True) for i in
+             range(0, coords.shape[1], 50)]  # fmt: skip
+    torch.testing.assert_close(torch.cat(parts, dim=1), got)
+    assert exact.prepare(feat) is feat
+    # gradients reach the features and the first layer through the factorized path
+    feat.requires_grad_(True)
+    fast(feat, coords, cell).sum().backward()
+    assert feat.grad is not None and fast.mlp[0].weight.grad.abs().sum() > 0

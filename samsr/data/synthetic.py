@@ -109,11 +109,18 @@ def _texture(
 
 
 def _body_polygon(rng: np.random.Generator, cx: float, cy: float, radius: float) -> np.ndarray:
-    """A star-shaped wobbly outline: ``N x 2`` int32 (x, y)."""
-    theta = np.linspace(0, 2 * np.pi, 160, endpoint=False)
+    """A star-shaped wobbly outline with a serrated edge: ``N x 2`` int32 (x, y).
+
+    Low harmonics give the overall shape; a few high harmonics (12-48 teeth around the outline,
+    a few percent of the radius) give boundary detail that an 8x-downsampled mask loses, as
+    real objects' fur, leaves or spokes are lost by a low-resolution segmentor.
+    """
+    theta = np.linspace(0, 2 * np.pi, 960, endpoint=False)
     r = np.ones_like(theta)
     for k in range(2, 6):
         r += float(rng.uniform(0.0, 0.22 / k * 2)) * np.cos(k * theta + float(rng.uniform(0, 6.3)))
+    for k in rng.choice(np.arange(12, 49), size=int(rng.integers(2, 5)), replace=False):
+        r += float(rng.uniform(0.01, 0.035)) * np.cos(int(k) * theta + float(rng.uniform(0, 6.3)))
     aspect = float(rng.uniform(0.6, 1.0))
     pts = np.stack([cx + radius * r * np.cos(theta), cy + aspect * radius * r * np.sin(theta)], 1)
     return np.round(pts).astype(np.int32)

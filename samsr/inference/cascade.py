@@ -147,12 +147,13 @@ def decode_full(
     xs = coord_seq(w, device=device)  # ref make_coord((Hp, Wp)) cols
     cell_value = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=device)  # ref cell
     total = h * w
+    feat = model.decoder.prepare(feat)  # once per scale, not once per chunk
     for start in range(0, total, chunk_size):
         stop = min(start + chunk_size, total)
         index = torch.arange(start, stop, device=device)
         coords = torch.stack((ys[index // w], xs[index % w]), dim=-1).unsqueeze(0)
         cell = cell_value.expand(1, stop - start, 2)
-        logits = model.decode(feat, coords, cell)
+        logits = model.decode(feat, coords, cell, prepared=True)
         flat[start:stop] = torch.sigmoid(logits[0])  # ref pred_224 = sigmoid(ret)
     return out
 

@@ -126,18 +126,20 @@ class CRM(nn.Module):
         """
         return self.encode_normalized(self.normalize_inputs(image, coarse, extra))
 
-    def decode(self, feat: Tensor, coords: Tensor, cell: Tensor) -> Tensor:
+    def decode(self, feat: Tensor, coords: Tensor, cell: Tensor, prepared: bool = False) -> Tensor:
         """Decodes logits at query coordinates.
 
         Args:
-            feat: B x C x h x w from :meth:`encode`.
+            feat: B x C x h x w from :meth:`encode` (or ``decoder.prepare`` of it if
+                ``prepared``: do that once when decoding many chunks).
             coords: B x N x 2 query centres, (y, x) in [-1, 1].
             cell: B x N x 2 query cell sizes (2 / H, 2 / W).
+            prepared: see ``feat``.
 
         Returns:
             B x N logits.
         """
-        return self.decoder(feat, coords, cell)
+        return self.decoder(feat, coords, cell, prepared=prepared)
 
     def forward(
         self, image: Tensor, coarse: Tensor, extra: Tensor | None = None
@@ -165,6 +167,7 @@ def build_crm(
     pretrained: str | bool | None = None,
     decoder_hidden: Sequence[int] = (32, 32, 32, 32),
     dropout: float = 0.5,
+    decoder_factorized: bool = False,
 ) -> CRM:
     """Builds CRM from plain values.
 
@@ -175,6 +178,8 @@ def build_crm(
             ``"imagenet"`` (True is an alias) to let torchvision download the weights.
         decoder_hidden: hidden widths of the decoder MLP.
         dropout: dropout probability in the fusion module.
+        decoder_factorized: run the decoder's first layer once per feature cell (same function
+            and parameters, faster; see :class:`ImplicitDecoder`); False is the reference.
 
     Returns:
         The model (train mode).
@@ -185,5 +190,7 @@ def build_crm(
         pretrained = "imagenet"
     encoder = ResNetEncoder(backbone, in_channels=in_channels, pretrained=pretrained)
     fusion = Fusion(in_channels=encoder.out_channels, out_channels=256, dropout=dropout)
-    decoder = ImplicitDecoder(feat_dim=fusion.out_channels, hidden=tuple(decoder_hidden))
+    decoder = ImplicitDecoder(
+        feat_dim=fusion.out_channels, hidden=tuple(decoder_hidden), factorized=decoder_factorized
+    )
     return CRM(encoder, fusion, decoder, in_channels=in_channels)

@@ -143,10 +143,21 @@ class ImplicitDecoder(nn.Module):
     Args:
         feat_dim: channels C of the feature map.
         hidden: hidden widths of the MLP (ReLU after each); input C + 6, output 1.
+        factorized: compute the feature part of the first linear layer once per feature cell
+            (a 1x1 convolution) and gather its ``hidden[0]`` outputs per query, instead of
+            gathering C channels and applying the layer per query and neighbour. The same
+            function with the same parameters (differences at float rounding, ~1e-7 on logits),
+            about 2-3x faster and lighter on CPU. ``False`` is the reference computation.
     """
 
-    def __init__(self, feat_dim: int = 256, hidden: Sequence[int] = (32, 32, 32, 32)) -> None:
+    def __init__(
+        self,
+        feat_dim: int = 256,
+        hidden: Sequence[int] = (32, 32, 32, 32),
+        factorized: bool = False,
+    ) -> None:
         super().__init__()
+        self.factorized = factorized
         layers: list[nn.Module] = []
         last = feat_dim + 6  # feature, rel_coord, coord, rel_cell (ref MLP in_dim=256+6)
         for width in hidden:
@@ -156,20 +167,41 @@ class ImplicitDecoder(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.feat_dim = feat_dim
 
-    def forward(self, feat: Tensor, coords: Tensor, cell: Tensor) -> Tensor:
-        """Decodes logits at the query coordinates.
+    def prepare(self, feat: Tensor) -> Tensor:
+        """The map the queries read: ``feat`` itself, or its first-layer projection if factorized.
+
+        Decoding many query chunks against one feature map, call this once and pass the result
+        to :meth:`forward` with ``prepared=True``.
 
         Args:
             feat: B x C x h x w feature map.
+
+        Returns:
+            B x C x h x w (reference) or B x hidden[0] x h x w (factorized).
+        """
+        if feat.shape[1] != self.feat_dim:
+            raise ValueError(f"Expected {self.feat_dim} feature channels, got {feat.shape[1]}.")
+        if not self.factorized:
+            return feat
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
+        return F.conv2d(feat, first.weight[:, : self.feat_dim, None, None])
+
+    def forward(self, feat: Tensor, coords: Tensor, cell: Tensor, prepared: bool = False) -> Tensor:
+        """Decodes logits at the query coordinates.
+
+        Args:
+            feat: B x C x h x w feature map (or the output of :meth:`prepare` if ``prepared``).
             coords: B x N x 2 query centres, (y, x) in [-1, 1] (:func:`make_coord` convention).
             cell: B x N x 2 query cell size (2 / H, 2 / W) of the query grid.
+            prepared: ``feat`` already went through :meth:`prepare`.
 
         Returns:
             B x N logits.
         """
-        b, c, h, w = feat.shape
-        if c != self.feat_dim:
-            raise ValueError(f"Expected {self.feat_dim} feature channels, got {c}.")
+        if not prepared:
+            feat = self.prepare(feat)
+        b, _, h, w = feat.shape
+        c = self.feat_dim
         if coords.dim() != 3 or coords.shape[0] != b or coords.shape[-1] != 2:
             raise ValueError(f"coords must be {b} x N x 2, got {tuple(coords.shape)}.")
         if cell.shape != coords.shape:
@@ -185,6 +217,10 @@ class ImplicitDecoder(nn.Module):
         rx = 2 / h / 2  # ref rx: half a feature cell along y (index 0)
         ry = 2 / w / 2  # ref ry: half a feature cell along x (index 1)
 
+        # factorized: feat holds the first layer's feature term, once per cell (B x hidden0)
+        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
+        rest = self.mlp[1:]
+
         preds: list[Tensor] = []
         areas: list[Tensor] = []
         for vx in (-1, 1):  # ref: vx shifts coord[..., 0] (y), outer loop
@@ -199,8 +235,13 @@ class ImplicitDecoder(nn.Module):
                 q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
                 q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
                 rel_coord = _scale_yx(coords - q_coord, h, w)  # ref: (coord - q_coord) * (h, w)
-                inp = torch.cat([q_feat, rel_coord, coords, rel_cell], dim=-1)  # ref order
-                preds.append(self.mlp(inp.view(b * n, -1)).view(b, n))
+                if self.factorized:
+                    geo = torch.cat([rel_coord, coords, rel_cell], dim=-1)
+                    hid = q_feat + F.linear(geo, first.weight[:, c:], first.bias)
+                    preds.append(rest(hid.reshape(b * n, -1)).view(b, n))
+                else:
+                    inp = torch.cat([q_feat, rel_coord, coords, rel_cell], dim=-1)  # ref order
+                    preds.append(self.mlp(inp.view(b * n, -1)).view(b, n))
                 areas.append(torch.abs(rel_coord[..., 0] * rel_coord[..., 1]) + _AREA_EPS)
 
         tot_area = torch.stack(areas).sum(dim=0)
