@@ -98,3 +98,22 @@ def test_empty_dataset_rejected():
 
     with pytest.raises(ValueError, match="empty"):
         SampleStream(Empty(), seed=0)
+
+
+def test_official_crm_file_loads_through_the_engine(tmp_path):
+    from samsr.engine.checkpoint import load_model_weights
+    from samsr.models.crm import build_crm
+    from samsr.models.crm_official import official_key
+
+    torch.manual_seed(0)
+    source = build_crm("resnet18")
+    official = {official_key(k): v.clone() for k, v in source.state_dict().items()}
+    official["module.feats.layer4.0.conv1.weight"] = torch.zeros(1)  # dropped, as layer4 is
+    path = tmp_path / "model_45705"
+    torch.save(official, path)
+    target = build_crm("resnet18")
+    load_model_weights(target, path, model_name="crm")
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model_weights(build_crm("resnet34"), path, model_name="crm")

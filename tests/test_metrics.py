@@ -15,6 +15,7 @@ from samsr.metrics import (
     RefinementMeter,
     average_gain,
     binarize,
+    boundary,
     boundary_accuracy,
     boundary_radii,
     format_efficiency,
@@ -24,7 +25,6 @@ from samsr.metrics import (
     measure,
     to_uint8_mask,
 )
-from samsr.metrics import segmentation as seg
 
 # --------------------------------------------------------------------------------------------
 # binarize
@@ -189,7 +189,7 @@ def _random_blobs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def test_boundary_accuracy_matches_independent_scipy_implementation(
     seed, dense_fraction, monkeypatch
 ):
-    monkeypatch.setattr(seg, "_DENSE_FRACTION", dense_fraction)  # force one code path
+    monkeypatch.setattr(boundary, "_DENSE_FRACTION", dense_fraction)  # force one code path
     rng = np.random.default_rng(seed)
     h, w = (int(v) for v in rng.integers(5, 420, size=2) * 2 + 1)  # odd sizes, radii up to 5
     gt = _random_blobs(rng, h, w)
@@ -210,10 +210,10 @@ def test_boundary_accuracy_fast_and_dense_paths_agree_exactly(seed, monkeypatch)
         cv2.ellipse(gt, center, axes, float(rng.integers(0, 180)), 0, 360, 1, -1)
     gt = gt.astype(bool) ^ _random_blobs(rng, h, w) & (rng.random((h, w)) < 0.001)
     preds = [np.roll(gt, 2, axis=1) ^ (rng.random((h, w)) < 0.05), gt]
-    monkeypatch.setattr(seg, "_DENSE_FRACTION", 2.0)  # never dense
-    fast = seg._boundary_accuracies(gt, preds)
-    monkeypatch.setattr(seg, "_DENSE_FRACTION", -1.0)  # always dense
-    dense = seg._boundary_accuracies(gt, preds)
+    monkeypatch.setattr(boundary, "_DENSE_FRACTION", 2.0)  # never dense
+    fast = boundary.boundary_accuracies(gt, preds)
+    monkeypatch.setattr(boundary, "_DENSE_FRACTION", -1.0)  # always dense
+    dense = boundary.boundary_accuracies(gt, preds)
     assert fast == dense  # bit for bit
     assert fast[1] == 1.0
 
