@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from samsr.metrics.boundary import boundary_accuracy, boundary_radii
 from samsr.metrics.report import (
     average_gain,
     format_efficiency,
@@ -22,8 +23,6 @@ from samsr.metrics.report import (
 from samsr.metrics.segmentation import (
     RefinementMeter,
     binarize,
-    boundary_accuracy,
-    boundary_radii,
     intersection_union,
     to_uint8_mask,
 )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["boundary_accuracies", "boundary_accuracy", "boundary_radii"]
+__all__ = ["boundary_accuracies", "boundary_accuracy", "boundary_radii", "check_mask_pair"]
 
 NUM_RADII = 5
 # Side of the square blocks used to skip uniform regions in the mBA computation.

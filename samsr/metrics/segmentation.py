@@ -37,18 +37,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from samsr.metrics.boundary import (
-    boundary_accuracies,
-    boundary_accuracy,
-    boundary_radii,
-    check_mask_pair,
-)
+from samsr.metrics.boundary import boundary_accuracies, check_mask_pair
 
 __all__ = [
     "RefinementMeter",
     "binarize",
-    "boundary_accuracy",
-    "boundary_radii",
     "intersection_union",
     "to_uint8_mask",
 ]

@@ -146,8 +146,8 @@ class ImplicitDecoder(nn.Module):
         factorized: compute the feature part of the first linear layer once per feature cell
             (a 1x1 convolution) and gather its ``hidden[0]`` outputs per query, instead of
             gathering C channels and applying the layer per query and neighbour. The same
-            function with the same parameters (differences at float rounding, ~1e-7 on logits),
-            about 2-3x faster and lighter on CPU. ``False`` is the reference computation.
+            function with the same parameters (differences at float rounding, ~3e-8 on logits),
+            about 1.8x faster training on CPU. ``False`` is the reference computation.
     """
 
     def __init__(
