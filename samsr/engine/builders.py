@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -67,15 +68,20 @@ def build_eval_datasets(
 
 
 def cascade_config(inference_cfg: DictConfig) -> CascadeConfig:
-    """The cascade settings of an ``inference`` config."""
-    scales = tuple(float(s) for s in inference_cfg.scales)
-    if not scales or any(s <= 0 for s in scales):
-        raise ConfigError(f"inference.scales must be positive, got {list(scales)}")
-    if int(inference_cfg.pad) < 0 or int(inference_cfg.chunk_size) <= 0:
-        raise ConfigError("inference.pad must be >= 0 and inference.chunk_size > 0")
-    return CascadeConfig(
-        scales=scales, pad=int(inference_cfg.pad), chunk_size=int(inference_cfg.chunk_size)
-    )
+    """The cascade settings of an ``inference`` config (unknown keys are an error)."""
+    values = OmegaConf.to_container(inference_cfg, resolve=True)
+    assert isinstance(values, dict)
+    known = {f.name for f in dataclasses.fields(CascadeConfig)}
+    ignored = {"name", "amp_dtype"}
+    unknown = sorted(k for k in values if k not in known and k not in ignored)
+    if unknown:
+        raise ConfigError(
+            f"unknown inference option(s) {unknown}; valid options: {sorted(known | ignored)}"
+        )
+    try:
+        return CascadeConfig(**{k: v for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid inference config: {err}") from err
 
 
 def build_refiner(model: nn.Module, inference_cfg: DictConfig, device: torch.device) -> Refiner:

@@ -23,7 +23,8 @@ can be added without touching the protocol.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from samsr.device import synchronize
+from samsr.inference.regions import bbox_region, contour_region, decode_region, strided_fill
+from samsr.inference.tiling import plan_tiles, scaled_window
 from samsr.models.components.implicit_decoder import coord_seq
 from samsr.models.crm import CRM
 
 __all__ = [
     "CascadeConfig",
+    "PixelDecoder",
     "decode_full",
     "encode_at_scale",
     "is_empty_mask",
@@ -47,20 +51,61 @@ __all__ = [
 MASK_CHANNEL = 3  # the input channel that holds the mask (ref: cat((image, seg), 1))
 
 
+REGIONS = ("full", "bbox", "contour")
+REGION_SOURCES = ("coarse", "current")
+
+
 @dataclass
 class CascadeConfig:
     """Settings of the multi-scale cascade.
+
+    The defaults are the reference protocol (every option off). Options only change *how much* is
+    computed, never the protocol itself; see ``configs/inference/*.yaml`` for measured presets.
 
     Attributes:
         scales: resize factors of the padded input, in processing order; the last one's output is
             returned.
         pad: reflect padding in pixels added around the image and mask (reference: 32).
         chunk_size: queries (pixels) per decoder call; bounds decoder memory, not the result.
+        decoder_factorized: None keeps the model's setting; True/False overrides it for inference
+            (True: the decoder's first layer once per feature cell; False: the reference MLP).
+        fusion_patch: rows of the stride-2 feature map per fusion patch; 0 runs the fusion conv on
+            the whole map at once (reference). Patched fusion writes each patch's output over the
+            consumed input rows (1-row halo kept aside): same output, no second full-size map.
+        region: which pixels are decoded at every scale: ``full`` (reference), ``bbox`` (inside
+            the bounding box of the mask, grown by ``bbox_margin``) or ``contour`` (within
+            ``contour_width`` pixels of the mask's boundary). Other pixels keep the previous
+            scale's probability (the coarse mask at the first scale).
+        region_source: the mask the region is computed from: ``coarse`` (the input mask, once) or
+            ``current`` (each scale's input mask).
+        bbox_margin: margin around the bounding box, in full-resolution pixels.
+        contour_width: half-width of the contour band, in full-resolution pixels.
+        stride: n > 1 decodes every n-th pixel of each axis (plus the last row/column), then
+            every other pixel whose grid cell's four decoded corners disagree (>= 0.5 or not);
+            pixels of agreeing cells take the bilinear interpolation of the corners. 1 = all.
+        tile: > 0 runs encoder, fusion and decoding in tiles of ``tile`` x ``tile`` input pixels
+            (at each scale) with ``tile_halo`` pixels of context on each side, so peak memory no
+            longer grows with the image; tiles holding no pixel to decode are skipped. 0 = off.
+        tile_halo: context around each tile in input pixels (rounded up to a multiple of 8);
+            features match the untiled ones up to float rounding once it covers the encoder's
+            receptive field (~100 px for ResNet-18, more for ResNet-50).
+        channels_last: run the network on channels-last tensors (faster convolutions on some
+            hardware; same function).
     """
 
     scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0)
     pad: int = 32
     chunk_size: int = 2**18
+    decoder_factorized: bool | None = None
+    fusion_patch: int = 0
+    region: str = "full"
+    region_source: str = "coarse"
+    bbox_margin: int = 64
+    contour_width: int = 32
+    stride: int = 1
+    tile: int = 0
+    tile_halo: int = 128
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
@@ -70,6 +115,27 @@ class CascadeConfig:
             raise ValueError(f"pad must be >= 0, got {self.pad}.")
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}.")
+        if self.fusion_patch < 0:
+            raise ValueError(f"fusion_patch must be >= 0 (0 = off), got {self.fusion_patch}.")
+        if self.region not in REGIONS:
+            raise ValueError(f"region must be one of {REGIONS}, got {self.region!r}.")
+        if self.region_source not in REGION_SOURCES:
+            raise ValueError(
+                f"region_source must be one of {REGION_SOURCES}, got {self.region_source!r}."
+            )
+        if self.bbox_margin < 0 or self.contour_width < 1:
+            raise ValueError(
+                f"bbox_margin must be >= 0 and contour_width >= 1, got {self.bbox_margin} and "
+                f"{self.contour_width}."
+            )
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1 (1 = decode every pixel), got {self.stride}.")
+        if self.tile < 0 or self.tile_halo < 0:
+            raise ValueError(
+                f"tile and tile_halo must be >= 0, got {self.tile} and {self.tile_halo}."
+            )
+        if 0 < self.tile < 32:
+            raise ValueError(f"tile must be 0 (off) or >= 32 input pixels, got {self.tile}.")
 
 
 def pad_reflect(x: Tensor, pad: int) -> Tensor:
@@ -100,7 +166,19 @@ def is_empty_mask(mask: Tensor) -> bool:
     return bool((mask + 1).sum() < 2)
 
 
-def encode_at_scale(model: CRM, static: Tensor, mask: Tensor, size: tuple[int, int]) -> Tensor:
+def _network_input(static: Tensor, mask: Tensor, channels_last: bool) -> Tensor:
+    x = torch.cat([static[:, :MASK_CHANNEL], mask, static[:, MASK_CHANNEL:]], dim=1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def encode_at_scale(
+    model: CRM,
+    static: Tensor,
+    mask: Tensor,
+    size: tuple[int, int],
+    fusion_patch: int = 0,
+    channels_last: bool = False,
+) -> Tensor:
     """Resizes the normalised inputs to ``size`` and encodes them.
 
     Args:
@@ -108,15 +186,17 @@ def encode_at_scale(model: CRM, static: Tensor, mask: Tensor, size: tuple[int, i
         static: 1 x (C - 1) x Hp x Wp normalised channels other than the mask (image, extras).
         mask: 1 x 1 x Hp x Wp current mask in [-1, 1].
         size: (h, w) at this scale.
+        fusion_patch: > 0 runs the fusion in patches of that many rows (same output).
+        channels_last: run the network on a channels-last input.
 
     Returns:
         1 x 256 x ceil(h/2) x ceil(w/2) features.
     """
     static_s = _resize(static, size)
     mask_s = _resize(mask, size)
-    x = torch.cat([static_s[:, :MASK_CHANNEL], mask_s, static_s[:, MASK_CHANNEL:]], dim=1)
+    x = _network_input(static_s, mask_s, channels_last)
     del static_s, mask_s
-    return model.encode_normalized(x)
+    return model.encode_normalized(x, fusion_patch=fusion_patch)
 
 
 def decode_full(
@@ -158,6 +238,69 @@ def decode_full(
     return out
 
 
+class PixelDecoder:
+    """Decodes the probability of arbitrary pixels of the padded full-resolution grid.
+
+    Args:
+        model: the CRM.
+        feat: 1 x C x h x w features (the whole map, or a window of it).
+        grid_size: (Hp, Wp) of the query grid.
+        chunk_size: queries per decoder call.
+        window: ``(y0, x0, full_h, full_w)`` if ``feat`` is a window of the full feature map.
+        offset: (row, col) added to the pixel indices passed to :meth:`__call__`.
+    """
+
+    def __init__(
+        self,
+        model: CRM,
+        feat: Tensor,
+        grid_size: tuple[int, int],
+        chunk_size: int,
+        window: tuple[int, int, int, int] | None = None,
+        offset: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.model = model
+        self.feat = model.decoder.prepare(feat).contiguous()  # once, not once per chunk
+        h, w = grid_size
+        dev = feat.device
+        self.ys = coord_seq(h, device=dev)  # ref make_coord((Hp, Wp)) rows
+        self.xs = coord_seq(w, device=dev)
+        self.cell = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=dev)  # ref cell
+        self.chunk_size = chunk_size
+        self.window = window
+        self.offset = offset
+        self.count = 0
+
+    def __call__(self, ys: Tensor, xs: Tensor) -> Tensor:
+        """Probabilities (float32, N) at pixel rows ``ys`` and columns ``xs`` (int64, N)."""
+        n = ys.numel()
+        out = torch.empty(n, dtype=torch.float32, device=ys.device)
+        oy, ox = self.offset
+        for s in range(0, n, self.chunk_size):
+            e = min(s + self.chunk_size, n)
+            coords = torch.stack((self.ys[ys[s:e] + oy], self.xs[xs[s:e] + ox]), dim=-1)
+            cell = self.cell.expand(1, e - s, 2)
+            logits = self.model.decode(
+                self.feat, coords.unsqueeze(0), cell, prepared=True, window=self.window
+            )
+            out[s:e] = torch.sigmoid(logits[0])
+        self.count += n
+        return out
+
+
+@contextmanager
+def _decoder_mode(model: CRM, factorized: bool | None) -> Iterator[None]:
+    """Temporarily sets the decoder's factorized flag (None: leave it)."""
+    decoder = model.decoder
+    old = decoder.factorized
+    if factorized is not None:
+        decoder.factorized = bool(factorized)
+    try:
+        yield
+    finally:
+        decoder.factorized = old
+
+
 def refine(
     model: CRM,
     image: Tensor,
@@ -170,12 +313,14 @@ def refine(
 
     Args:
         model: the CRM in eval mode, on the inputs' device.
-        image: 1 x 3 x H x W RGB in [0, 1].
-        coarse: 1 x 1 x H x W coarse mask in [0, 1].
+        image: 1 x 3 x H x W RGB, float in [0, 1] or uint8 (divided by 255 band by band, so
+            no full-size float copy of the input is needed).
+        coarse: 1 x 1 x H x W coarse mask, float in [0, 1] or uint8.
         cfg: cascade settings (default: the reference protocol).
         extra: optional 1 x E x H x W extra input channels (SAM-SR variants), kept fixed.
         timings: if given, ``"encode"`` and ``"decode"`` seconds are added to it (with device
-            synchronisation, which costs a little).
+            synchronisation, which costs a little), and counters: ``"decoded_px"`` (queries
+            decoded over all scales), ``"tiles"`` / ``"tiles_skipped"`` (tiled mode).
 
     Returns:
         1 x 1 x H x W probability of the last scale (all zeros for an empty input mask).
@@ -183,8 +328,95 @@ def refine(
     cfg = cfg or CascadeConfig()
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must be 1 x 3 x H x W, got {tuple(image.shape)}.")
-    with torch.inference_mode():
+    if coarse.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
+    with torch.inference_mode(), _decoder_mode(model, cfg.decoder_factorized):
         return _refine(model, image, coarse, cfg, extra, timings)
+
+
+def _as_unit(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [0, 1] (ref ToTensor: ``.float().div(255)``); float -> float32."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
+def _reflect_fill(t: Tensor, pad: int) -> None:
+    """Fills the ``pad``-wide border of ``t`` (... x Hp x Wp) by reflecting its interior, in place.
+
+    Same values as ``F.pad(interior, (pad,) * 4, mode='reflect')`` (columns first, then whole
+    rows, so the corners are reflected in both axes).
+    """
+    if pad == 0:
+        return
+    hp, wp = t.shape[-2:]
+    rows = slice(pad, hp - pad)
+    t[..., rows, :pad] = t[..., rows, pad + 1 : 2 * pad + 1].flip(-1)
+    t[..., rows, wp - pad :] = t[..., rows, wp - 2 * pad - 1 : wp - pad - 1].flip(-1)
+    t[..., :pad, :] = t[..., pad + 1 : 2 * pad + 1, :].flip(-2)
+    t[..., hp - pad :, :] = t[..., hp - 2 * pad - 1 : hp - pad - 1, :].flip(-2)
+
+
+def _padded_inputs(
+    model: CRM,
+    image: Tensor,
+    coarse: Tensor,
+    extra: Tensor | None,
+    pad: int,
+    keep_coarse: bool,
+    band_rows: int = 256,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalised, reflect-padded network inputs, built in row bands (no full-size temporaries).
+
+    Args:
+        model: the CRM (its :meth:`~CRM.normalize_inputs` defines the normalisation).
+        image: 1 x 3 x H x W, float in [0, 1] or uint8.
+        coarse: 1 x 1 x H x W, float in [0, 1] or uint8.
+        extra: optional 1 x E x H x W extra channels.
+        pad: reflect padding.
+        keep_coarse: also return the padded coarse probability (else an empty buffer).
+        band_rows: rows normalised at a time.
+
+    Returns:
+        (static 1 x (C - 1) x Hp x Wp: every channel but the mask; mask 1 x 1 x Hp x Wp in
+        [-1, 1]; prob 1 x 1 x Hp x Wp: the padded coarse mask in [0, 1] if ``keep_coarse``,
+        uninitialised otherwise). Values equal ``pad_reflect(normalize_inputs(...))``.
+    """
+    _, _, h, w = image.shape
+    if pad > 0 and min(h, w) <= pad:
+        raise ValueError(
+            f"The image ({h}x{w}) must be larger than the reflect padding ({pad} px) on both sides."
+        )
+    hp, wp = h + 2 * pad, w + 2 * pad
+    opts = {"dtype": torch.float32, "device": image.device}
+    static = torch.empty((1, model.in_channels - 1, hp, wp), **opts)
+    mask = torch.empty((1, 1, hp, wp), **opts)
+    prob = torch.empty((1, 1, hp, wp), **opts)
+    cols = slice(pad, pad + w)
+    for r0 in range(0, h, band_rows):
+        r1 = min(r0 + band_rows, h)
+        rows = slice(pad + r0, pad + r1)
+        c_band = _as_unit(coarse[..., r0:r1, :])
+        e_band = None if extra is None else extra[..., r0:r1, :]
+        x = model.normalize_inputs(_as_unit(image[..., r0:r1, :]), c_band, e_band).float()
+        static[:, :MASK_CHANNEL, rows, cols] = x[:, :MASK_CHANNEL]
+        static[:, MASK_CHANNEL:, rows, cols] = x[:, MASK_CHANNEL + 1 :]
+        mask[:, :, rows, cols] = x[:, MASK_CHANNEL : MASK_CHANNEL + 1]
+        if keep_coarse:
+            prob[:, :, rows, cols] = c_band
+    for t in (static, mask, prob) if keep_coarse else (static, mask):
+        _reflect_fill(t, pad)
+    return static, mask, prob
+
+
+def _region(cfg: CascadeConfig, label: Tensor) -> Tensor:
+    if cfg.region == "bbox":
+        return bbox_region(label, cfg.bbox_margin)
+    return contour_region(label, cfg.contour_width)
+
+
+def _fill(decode: PixelDecoder, prob: Tensor, region: Tensor | None, cfg: CascadeConfig) -> int:
+    if cfg.stride > 1:
+        return strided_fill(decode, prob, region, cfg.stride, cfg.chunk_size)
+    return decode_region(decode, prob, region, cfg.chunk_size)
 
 
 def _refine(
@@ -197,33 +429,98 @@ def _refine(
 ) -> Tensor:
     _, _, h, w = image.shape
     device = image.device
-    x = pad_reflect(model.normalize_inputs(image, coarse, extra).float(), cfg.pad)
-    mask = x[:, MASK_CHANNEL : MASK_CHANNEL + 1].contiguous()
-    static = torch.cat([x[:, :MASK_CHANNEL], x[:, MASK_CHANNEL + 1 :]], dim=1)
-    del x
+    sparse = cfg.region != "full" or cfg.stride > 1 or cfg.tile > 0
+    # prob: the previous scale's probability; pixels that are not decoded keep it
+    static, mask, prob = _padded_inputs(model, image, coarse, extra, cfg.pad, keep_coarse=sparse)
     hp, wp = mask.shape[-2:]
+    label = prob[0, 0] >= 0.5 if cfg.region != "full" and cfg.region_source == "coarse" else None
+    region = _region(cfg, label) if label is not None else None
+    del label
 
     def tick() -> float:
         if timings is not None:
             synchronize(device)
         return time.perf_counter()
 
-    last = len(cfg.scales) - 1
+    def add(key: str, value: float) -> None:
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + value
+
     for i, scale in enumerate(cfg.scales):
+        if i > 0:
+            mask = (prob - 0.5) * 2  # ref: seg = (pred - 0.5) * 2
         if is_empty_mask(mask):
             # ref: this scale's prediction is zeroed, so every later scale's input is all -1
             # and is zeroed too: the output is empty
             return torch.zeros((1, 1, h, w), dtype=torch.float32, device=device)
+        if cfg.region != "full" and cfg.region_source == "current":
+            region = _region(cfg, prob[0, 0] >= 0.5 if i > 0 else mask[0, 0] >= 0)
+        size = scaled_size(hp, wp, scale)
+        if cfg.tile > 0:
+            n = _refine_tiles(model, static, mask, prob, region, size, cfg, add)
+            del mask
+            add("decoded_px", n)
+            continue
         t0 = tick()
-        feat = encode_at_scale(model, static, mask, scaled_size(hp, wp, scale))
+        feat = encode_at_scale(model, static, mask, size, cfg.fusion_patch, cfg.channels_last)
+        del mask
         t1 = tick()
-        # the mask is no longer needed once encoded: decode into its buffer
-        prob = decode_full(model, feat, (hp, wp), cfg.chunk_size, out=mask)
+        if sparse:
+            decode = PixelDecoder(model, feat, (hp, wp), cfg.chunk_size)
+            n = _fill(decode, prob[0, 0], region, cfg)
+            del decode
+        else:
+            prob = decode_full(model, feat, (hp, wp), cfg.chunk_size, out=prob)
+            n = hp * wp
         del feat
         t2 = tick()
-        if timings is not None:
-            timings["encode"] = timings.get("encode", 0.0) + t1 - t0
-            timings["decode"] = timings.get("decode", 0.0) + t2 - t1
-        if i < last:
-            mask = prob.sub_(0.5).mul_(2)  # ref: seg = (pred - 0.5) * 2, in place
+        add("encode", t1 - t0)
+        add("decode", t2 - t1)
+        add("decoded_px", n)
     return prob[..., cfg.pad : cfg.pad + h, cfg.pad : cfg.pad + w].contiguous()
+
+
+def _refine_tiles(
+    model: CRM,
+    static: Tensor,
+    mask: Tensor,
+    prob: Tensor,
+    region: Tensor | None,
+    size: tuple[int, int],
+    cfg: CascadeConfig,
+    add: Callable[[str, float], None],
+) -> int:
+    """One scale in tiles: encode each tile's window, decode its core into ``prob``."""
+    hp, wp = prob.shape[-2:]
+    decoded = 0
+    for tile in plan_tiles((hp, wp), size, cfg.tile, cfg.tile_halo):
+        qy0, qy1, qx0, qx1 = tile.q
+        core_region = None if region is None else region[qy0:qy1, qx0:qx1]
+        if core_region is not None and not bool(core_region.any()):
+            add("tiles_skipped", 1)
+            continue
+        t0 = time.perf_counter()
+        x = _network_input(
+            scaled_window(static, size, tile.x),
+            scaled_window(mask, size, tile.x),
+            cfg.channels_last,
+        )
+        feat, (fy, fx) = model.encode_window(x, (tile.x[0], tile.x[2]), size)
+        del x
+        t1 = time.perf_counter()
+        full_h, full_w = model.encoder.level_sizes(*size)[0]
+        decode = PixelDecoder(
+            model,
+            feat,
+            (hp, wp),
+            cfg.chunk_size,
+            window=(fy, fx, full_h, full_w),
+            offset=(qy0, qx0),
+        )
+        del feat
+        decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, cfg)
+        del decode
+        add("encode", t1 - t0)
+        add("decode", time.perf_counter() - t1)
+        add("tiles", 1)
+    return decoded

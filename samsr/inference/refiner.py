@@ -67,6 +67,10 @@ class Refiner:
         self.model = model.to(self.device).eval()
         self.cascade = cascade or CascadeConfig()
         self.amp_dtype = parse_dtype(amp_dtype)
+        if self.cascade.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # set to a dict to accumulate encode/decode seconds and decoded-pixel counts (see refine)
+        self.timings: dict[str, float] | None = None
 
     def refine_tensor(
         self, image_t: Tensor, coarse_t: Tensor, extra: Tensor | None = None
@@ -87,7 +91,7 @@ class Refiner:
         if extra is not None:
             extra = extra.to(self.device)
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            return refine(self.model, image_t, coarse_t, self.cascade, extra=extra)
+            return refine(self.model, image_t, coarse_t, self.cascade, extra, self.timings)
 
     def __call__(self, image: np.ndarray, coarse: np.ndarray) -> np.ndarray:
         """Refines one mask.
@@ -122,11 +126,13 @@ class Refiner:
             raise ValueError(
                 "coarse looks like a 0/1 mask; pass it as 0/255 (the model reads value / 255)."
             )
-        # uint8 -> device, then /255 in float32 (ref ToTensor: byte tensor .float().div(255))
+        # uint8 to the device; the cascade divides by 255 in float32 band by band (ref ToTensor:
+        # byte tensor .float().div(255)), so no full-size float copy of the input is made here
         image_t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         coarse_t = torch.from_numpy(np.ascontiguousarray(coarse)).to(self.device)
-        image_t = image_t.permute(2, 0, 1).unsqueeze(0).float().div(255)
-        coarse_t = coarse_t[None, None].float().div(255)
-        prob = self.refine_tensor(image_t, coarse_t)
+        image_t = image_t.permute(2, 0, 1).unsqueeze(0)
+        coarse_t = coarse_t[None, None]
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            prob = refine(self.model, image_t, coarse_t, self.cascade, timings=self.timings)
         # ref tensor_to_gray_im: (prob * 255).astype('uint8'), truncation
         return (prob[0, 0] * 255).to(torch.uint8).cpu().numpy()

@@ -98,20 +98,53 @@ class CRM(nn.Module):
             )
         return torch.cat(parts, dim=1)  # ref: torch.cat((x, seg), 1)
 
-    def encode_normalized(self, x: Tensor) -> Tensor:
+    def encode_normalized(self, x: Tensor, fusion_patch: int = 0) -> Tensor:
         """Encodes an already normalised input.
 
         Args:
             x: B x in_channels x H x W from :meth:`normalize_inputs` (possibly resized).
+            fusion_patch: > 0 runs the fusion conv in patches of that many rows (inference
+                only; same output, one full-size map instead of about three; see
+                :meth:`Fusion.forward_patched`).
 
         Returns:
             B x C x ceil(H/2) x ceil(W/2) feature map (C = 256 for CRM).
         """
+        self._check_input(x)
+        if fusion_patch > 0:
+            return self.fusion.forward_patched(list(self.encoder(x)), fusion_patch)
+        return self.fusion(self.encoder(x))
+
+    def encode_window(
+        self, x: Tensor, offset: tuple[int, int], full_size: tuple[int, int]
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """Encodes a window (tile) of a larger normalised input as part of that input.
+
+        Args:
+            x: B x in_channels x h x w, the input rows/cols starting at ``offset``.
+            offset: (row, col) of the window in the full input; multiples of 8.
+            full_size: (H, W) of the full input.
+
+        Returns:
+            (features of the window, (row, col) of the features in the full feature map). The
+            features match the untiled ones away from the window's edges (up to float rounding
+            once the edges are beyond the receptive field).
+        """
+        self._check_input(x)
+        oy, ox = offset
+        if oy % 8 or ox % 8:
+            raise ValueError(f"window offsets must be multiples of 8, got {offset}.")
+        strides = self.encoder.strides
+        sizes = self.encoder.level_sizes(*full_size)
+        offsets = [(oy // s, ox // s) for s in strides]
+        feat = self.fusion.forward_window(self.encoder(x), offsets, sizes)
+        return feat, offsets[0]
+
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"Expected B x {self.in_channels} x H x W input, got {tuple(x.shape)}."
             )
-        return self.fusion(self.encoder(x))
 
     def encode(self, image: Tensor, coarse: Tensor, extra: Tensor | None = None) -> Tensor:
         """Normalises and encodes.
@@ -126,7 +159,14 @@ class CRM(nn.Module):
         """
         return self.encode_normalized(self.normalize_inputs(image, coarse, extra))
 
-    def decode(self, feat: Tensor, coords: Tensor, cell: Tensor, prepared: bool = False) -> Tensor:
+    def decode(
+        self,
+        feat: Tensor,
+        coords: Tensor,
+        cell: Tensor,
+        prepared: bool = False,
+        window: tuple[int, int, int, int] | None = None,
+    ) -> Tensor:
         """Decodes logits at query coordinates.
 
         Args:
@@ -135,11 +175,13 @@ class CRM(nn.Module):
             coords: B x N x 2 query centres, (y, x) in [-1, 1].
             cell: B x N x 2 query cell sizes (2 / H, 2 / W).
             prepared: see ``feat``.
+            window: ``(y0, x0, full_h, full_w)`` when ``feat`` is a window of the full map
+                (tiled inference; see :class:`ImplicitDecoder`).
 
         Returns:
             B x N logits.
         """
-        return self.decoder(feat, coords, cell, prepared=prepared)
+        return self.decoder(feat, coords, cell, prepared=prepared, window=window)
 
     def forward(
         self, image: Tensor, coarse: Tensor, extra: Tensor | None = None

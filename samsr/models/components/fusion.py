@@ -8,6 +8,15 @@ Reference facts (dvlab-research/Entity, High-Quality-Segmention/models/network/a
   interpolation, ``align_corners=True``, and concatenated in level order (64 + 64 + 128);
 * ``last_conv`` = 3x3 conv 256->256 (padding 1, no bias) + BN + ReLU + Dropout(0.5);
 * init: conv weights ``kaiming_normal_`` (fan_in), BN weight 1 / bias 0.
+
+Memory (thesis 3.1): the reference materialises the upsampled levels, their concatenation and
+the fuse conv's output, all at stride 2 with 256 channels: about three full-size 256-channel maps
+at once. :meth:`Fusion.forward_patched` writes every level straight into one preallocated
+concatenation and then runs the 3x3 conv in row patches whose output overwrites the rows it has
+consumed (the one input row the next patch still needs is kept aside): one full-size map, the
+same numbers (the patch convolution sees exactly the rows and zero padding of the full one).
+:meth:`Fusion.forward_window` fuses a tile of the encoder output, upsampling with the full map's
+sampling positions so that tiles line up with the untiled result.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Fusion"]
+__all__ = ["Fusion", "resize_window_axis"]
 
 
 class _Branch(nn.Module):
@@ -110,3 +119,144 @@ class Fusion(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         """Fuses (f1, f2, f3) into B x out_channels x h x w at f1's size (stride 2)."""
         return self.fuse(self.concat(feats))
+
+    def forward_patched(self, feats: list[Tensor], patch_rows: int) -> Tensor:
+        """Same as :meth:`forward` (inference), with one full-size map instead of about three.
+
+        Args:
+            feats: [f1, f2, f3] encoder features; **the list is emptied** so that each level can
+                be freed as soon as it has been used.
+            patch_rows: rows of the stride-2 map per fuse-conv patch (> 0).
+
+        Returns:
+            B x out_channels x h x w, equal to ``forward(feats)`` in eval mode.
+        """
+        if patch_rows <= 0:
+            raise ValueError(f"patch_rows must be > 0, got {patch_rows}.")
+        if len(feats) != len(self.branches):
+            raise ValueError(f"Expected {len(self.branches)} feature maps, got {len(feats)}.")
+        levels = list(feats)
+        feats.clear()
+        buf: Tensor | None = None
+        c0 = 0
+        size = levels[0].shape[-2:]
+        for i, branch in enumerate(self.branches):
+            m = branch(levels[i])
+            levels[i] = m[:0]  # drop the encoder level (and keep nothing large alive)
+            if buf is None:
+                b = m.shape[0]
+                fmt = _memory_format(m)
+                buf = torch.empty(
+                    (b, self.concat_channels, *size),
+                    dtype=m.dtype,
+                    device=m.device,
+                    memory_format=fmt,
+                )
+            c1 = c0 + m.shape[1]
+            dst = buf[:, c0:c1]
+            if i == 0:
+                dst.copy_(m)
+            elif dst.is_contiguous():  # ref: bilinear, align_corners=True, written in place
+                torch._C._nn.upsample_bilinear2d(m, list(size), True, None, None, out=dst)
+            else:
+                dst.copy_(F.interpolate(m, size=size, mode="bilinear", align_corners=True))
+            del m, dst
+            c0 = c1
+        assert buf is not None
+        return self._fuse_rows(buf, patch_rows)
+
+    def _fuse_rows(self, concat: Tensor, patch_rows: int) -> Tensor:
+        """:meth:`fuse` in row patches, overwriting ``concat`` when the channel counts allow."""
+        b, c, h, w = concat.shape
+        in_place = c == self.out_channels
+        out = concat if in_place else concat.new_empty((b, self.out_channels, h, w))
+        zero_row = concat.new_zeros((b, c, 1, w))
+        above = zero_row  # the input row just above the current patch
+        for a in range(0, h, patch_rows):
+            e = min(a + patch_rows, h)
+            below = concat[:, :, e : e + 1] if e < h else zero_row
+            x = torch.cat([above, concat[:, :, a:e], below], dim=2)
+            if e < h:
+                above = concat[:, :, e - 1 : e].clone()  # needed by the next patch
+            y = F.conv2d(x, self.fuse_conv.weight, None, 1, (0, 1))  # rows padded explicitly
+            del x
+            out[:, :, a:e] = self.dropout(self.relu(self.fuse_bn(y)))
+            del y
+        return out
+
+    def forward_window(
+        self,
+        feats: Sequence[Tensor],
+        offsets: Sequence[tuple[int, int]],
+        full_sizes: Sequence[tuple[int, int]],
+    ) -> Tensor:
+        """Fuses a window (tile) of the encoder levels as if the whole map were fused.
+
+        Args:
+            feats: (f1, f2, f3) features of the tile.
+            offsets: (row, col) of each level's window in its full map.
+            full_sizes: (h, w) of each level's full map.
+
+        Returns:
+            B x out_channels x h1 x w1 over f1's window (rows/cols near the window's outer edge
+            differ from the untiled map; tiles carry a halo for that).
+        """
+        if len(feats) != len(self.branches):
+            raise ValueError(f"Expected {len(self.branches)} feature maps, got {len(feats)}.")
+        maps = [branch(f) for branch, f in zip(self.branches, feats)]
+        h1, w1 = maps[0].shape[-2:]
+        oy, ox = offsets[0]
+        full_h1, full_w1 = full_sizes[0]
+        ups = [maps[0]]
+        for m, (my, mx), (fh, fw) in zip(maps[1:], offsets[1:], full_sizes[1:]):
+            m = resize_window_axis(m, 2, fh, full_h1, my, oy, h1)
+            ups.append(resize_window_axis(m, 3, fw, full_w1, mx, ox, w1))
+        del maps
+        return self.fuse(torch.cat(ups, dim=1))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return (
+        torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
+    )
+
+
+def resize_window_axis(
+    x: Tensor, dim: int, full_in: int, full_out: int, in_offset: int, out_offset: int, out_len: int
+) -> Tensor:
+    """Bilinear (align_corners=True) resize along one axis of a window of a full map.
+
+    Output index ``d`` of the full map samples input position ``d * (full_in - 1) /
+    (full_out - 1)``, as ``F.interpolate`` does on the full map; the window holds input rows
+    ``in_offset ...`` and output rows ``out_offset ... out_offset + out_len``. Positions outside
+    the input window are clamped to its edge.
+
+    Args:
+        x: tensor whose axis ``dim`` is the input window.
+        dim: the axis to resize.
+        full_in: size of the full input axis.
+        full_out: size of the full output axis.
+        in_offset: the input window's start in the full input axis.
+        out_offset: the output window's start in the full output axis.
+        out_len: output window length.
+
+    Returns:
+        ``x`` with axis ``dim`` of length ``out_len``.
+    """
+    n = x.shape[dim]
+    scale = (full_in - 1) / (full_out - 1) if full_out > 1 else 0.0
+    dst = torch.arange(out_offset, out_offset + out_len, device=x.device, dtype=torch.float32)
+    src = dst * torch.tensor(scale, dtype=torch.float32)
+    i0 = src.floor().clamp_(max=full_in - 1)
+    lam = (src - i0).to(x.dtype)
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp_(max=full_in - 1)
+    i0 = (i0 - in_offset).clamp_(0, n - 1)
+    i1 = (i1 - in_offset).clamp_(0, n - 1)
+    shape = [1] * x.dim()
+    shape[dim] = out_len
+    lam = lam.view(shape)
+    a = x.index_select(dim, i0)
+    bb = x.index_select(dim, i1)
+    return a + (bb - a) * lam

@@ -137,6 +137,18 @@ def _gather(feat: Tensor, index: Tensor) -> Tensor:
     return torch.gather(flat, 2, index.unsqueeze(1).expand(b, c, n)).transpose(1, 2)
 
 
+def _window_index(iy: Tensor, ix: Tensor, y0: int, x0: int, th: int, tw: int) -> Tensor:
+    """Flat index into a th x tw window at (y0, x0) of full-map cell indices (checked)."""
+    ly = iy - y0
+    lx = ix - x0
+    if bool((ly.min() < 0) | (ly.max() >= th) | (lx.min() < 0) | (lx.max() >= tw)):
+        raise ValueError(
+            f"queries read feature cells outside the window ({th}x{tw} at ({y0}, {x0})): "
+            "the tile's feature margin is too small."
+        )
+    return ly * tw + lx
+
+
 class ImplicitDecoder(nn.Module):
     """Shared MLP decoding a logit at any continuous coordinate with a 4-cell local ensemble.
 
@@ -186,7 +198,14 @@ class ImplicitDecoder(nn.Module):
         first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
         return F.conv2d(feat, first.weight[:, : self.feat_dim, None, None])
 
-    def forward(self, feat: Tensor, coords: Tensor, cell: Tensor, prepared: bool = False) -> Tensor:
+    def forward(
+        self,
+        feat: Tensor,
+        coords: Tensor,
+        cell: Tensor,
+        prepared: bool = False,
+        window: tuple[int, int, int, int] | None = None,
+    ) -> Tensor:
         """Decodes logits at the query coordinates.
 
         Args:
@@ -194,13 +213,17 @@ class ImplicitDecoder(nn.Module):
             coords: B x N x 2 query centres, (y, x) in [-1, 1] (:func:`make_coord` convention).
             cell: B x N x 2 query cell size (2 / H, 2 / W) of the query grid.
             prepared: ``feat`` already went through :meth:`prepare`.
+            window: ``(y0, x0, full_h, full_w)`` if ``feat`` holds only the rows ``y0 ...`` and
+                columns ``x0 ...`` of a ``full_h x full_w`` map (tiled inference); coordinates
+                refer to the full map, and every query's 4 cells must lie inside ``feat``.
 
         Returns:
             B x N logits.
         """
         if not prepared:
             feat = self.prepare(feat)
-        b, _, h, w = feat.shape
+        b, _, th, tw = feat.shape
+        y0, x0, h, w = (0, 0, th, tw) if window is None else window
         c = self.feat_dim
         if coords.dim() != 3 or coords.shape[0] != b or coords.shape[-1] != 2:
             raise ValueError(f"coords must be {b} x N x 2, got {tuple(coords.shape)}.")
@@ -232,7 +255,10 @@ class ImplicitDecoder(nn.Module):
                 grid = shifted.flip(-1).unsqueeze(1)  # B x 1 x N x (x, y) for grid_sample
                 iy = _nearest_index(rows, grid)
                 ix = _nearest_index(cols, grid)
-                q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
+                if window is None:
+                    q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
+                else:
+                    q_feat = _gather(feat, _window_index(iy, ix, y0, x0, th, tw))
                 q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
                 rel_coord = _scale_yx(coords - q_coord, h, w)  # ref: (coord - q_coord) * (h, w)
                 if self.factorized:

@@ -121,6 +121,16 @@ class ResNetEncoder(nn.Module):
         f3 = self.layer3(self.layer2(f2))
         return f1, f2, f3
 
+    strides: tuple[int, int, int] = (2, 4, 8)
+
+    @staticmethod
+    def level_sizes(h: int, w: int) -> list[tuple[int, int]]:
+        """(h, w) of the (f1, f2, f3) maps for an h x w input (the convolution arithmetic)."""
+        h1, w1 = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # conv 7x7/2, pad 3
+        h2, w2 = (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1  # max pool 3x3/2, pad 1
+        h3, w3 = (h2 - 1) // 2 + 1, (w2 - 1) // 2 + 1  # layer2: 3x3/2, pad 1
+        return [(h1, w1), (h2, w2), (h3, w3)]
+
     def load_imagenet(self, source: str) -> None:
         """Loads torchvision ImageNet weights (RGB filters to channels 0-2, extras zero).
 
