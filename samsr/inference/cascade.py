@@ -137,6 +137,23 @@ class CascadeConfig:
         if 0 < self.tile < 32:
             raise ValueError(f"tile must be 0 (off) or >= 32 input pixels, got {self.tile}.")
 
+    @classmethod
+    def recommended(cls) -> CascadeConfig:
+        """The measured best trade-off for high-resolution images (``inference=fast``).
+
+        Strided-4 decoding inside the coarse mask's bounding box, the factorized decoder, and
+        tiled encoding with patched fusion (flat peak memory); see the README's benchmark.
+        """
+        return cls(
+            chunk_size=65536,
+            decoder_factorized=True,
+            fusion_patch=64,
+            region="bbox",
+            stride=4,
+            tile=1024,
+            tile_halo=128,
+        )
+
 
 def pad_reflect(x: Tensor, pad: int) -> Tensor:
     """Reflect-pads the last two dims by ``pad`` on every side (B x C x H x W)."""
@@ -457,7 +474,7 @@ def _refine(
             region = _region(cfg, prob[0, 0] >= 0.5 if i > 0 else mask[0, 0] >= 0)
         size = scaled_size(hp, wp, scale)
         if cfg.tile > 0:
-            n = _refine_tiles(model, static, mask, prob, region, size, cfg, add)
+            n = _refine_tiles(model, static, mask, prob, region, size, cfg, add, tick)
             del mask
             add("decoded_px", n)
             continue
@@ -489,6 +506,7 @@ def _refine_tiles(
     size: tuple[int, int],
     cfg: CascadeConfig,
     add: Callable[[str, float], None],
+    tick: Callable[[], float],
 ) -> int:
     """One scale in tiles: encode each tile's window, decode its core into ``prob``."""
     hp, wp = prob.shape[-2:]
@@ -499,15 +517,15 @@ def _refine_tiles(
         if core_region is not None and not bool(core_region.any()):
             add("tiles_skipped", 1)
             continue
-        t0 = time.perf_counter()
+        t0 = tick()
         x = _network_input(
             scaled_window(static, size, tile.x),
             scaled_window(mask, size, tile.x),
             cfg.channels_last,
         )
-        feat, (fy, fx) = model.encode_window(x, (tile.x[0], tile.x[2]), size)
+        feat, (fy, fx) = model.encode_window(x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch)
         del x
-        t1 = time.perf_counter()
+        t1 = tick()
         full_h, full_w = model.encoder.level_sizes(*size)[0]
         decode = PixelDecoder(
             model,
@@ -521,6 +539,6 @@ def _refine_tiles(
         decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, cfg)
         del decode
         add("encode", t1 - t0)
-        add("decode", time.perf_counter() - t1)
+        add("decode", tick() - t1)
         add("tiles", 1)
     return decoded

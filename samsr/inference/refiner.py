@@ -52,7 +52,9 @@ class Refiner:
     Args:
         model: the CRM; moved to ``device`` and put in eval mode.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a torch device.
-        cascade: cascade settings (default: the reference protocol).
+        cascade: cascade settings; default :meth:`CascadeConfig.recommended` (fast, bounded
+            memory). Pass ``CascadeConfig()`` for the reference protocol (what evaluation
+            uses through ``inference=faithful``).
         amp_dtype: None (float32), ``"bfloat16"`` or ``"float16"``: autocast for the network.
     """
 
@@ -65,7 +67,7 @@ class Refiner:
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.cascade = cascade or CascadeConfig()
+        self.cascade = cascade or CascadeConfig.recommended()
         self.amp_dtype = parse_dtype(amp_dtype)
         if self.cascade.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

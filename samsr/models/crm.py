@@ -116,7 +116,11 @@ class CRM(nn.Module):
         return self.fusion(self.encoder(x))
 
     def encode_window(
-        self, x: Tensor, offset: tuple[int, int], full_size: tuple[int, int]
+        self,
+        x: Tensor,
+        offset: tuple[int, int],
+        full_size: tuple[int, int],
+        fusion_patch: int = 0,
     ) -> tuple[Tensor, tuple[int, int]]:
         """Encodes a window (tile) of a larger normalised input as part of that input.
 
@@ -124,6 +128,7 @@ class CRM(nn.Module):
             x: B x in_channels x h x w, the input rows/cols starting at ``offset``.
             offset: (row, col) of the window in the full input; multiples of 8.
             full_size: (H, W) of the full input.
+            fusion_patch: > 0 runs the fusion conv in patches of that many rows.
 
         Returns:
             (features of the window, (row, col) of the features in the full feature map). The
@@ -137,7 +142,7 @@ class CRM(nn.Module):
         strides = self.encoder.strides
         sizes = self.encoder.level_sizes(*full_size)
         offsets = [(oy // s, ox // s) for s in strides]
-        feat = self.fusion.forward_window(self.encoder(x), offsets, sizes)
+        feat = self.fusion.forward_window(self.encoder(x), offsets, sizes, fusion_patch)
         return feat, offsets[0]
 
     def _check_input(self, x: Tensor) -> None:

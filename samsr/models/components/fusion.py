@@ -189,6 +189,7 @@ class Fusion(nn.Module):
         feats: Sequence[Tensor],
         offsets: Sequence[tuple[int, int]],
         full_sizes: Sequence[tuple[int, int]],
+        patch_rows: int = 0,
     ) -> Tensor:
         """Fuses a window (tile) of the encoder levels as if the whole map were fused.
 
@@ -196,6 +197,8 @@ class Fusion(nn.Module):
             feats: (f1, f2, f3) features of the tile.
             offsets: (row, col) of each level's window in its full map.
             full_sizes: (h, w) of each level's full map.
+            patch_rows: > 0 runs the fuse conv in row patches in place (as
+                :meth:`forward_patched`).
 
         Returns:
             B x out_channels x h1 x w1 over f1's window (rows/cols near the window's outer edge
@@ -203,16 +206,24 @@ class Fusion(nn.Module):
         """
         if len(feats) != len(self.branches):
             raise ValueError(f"Expected {len(self.branches)} feature maps, got {len(feats)}.")
-        maps = [branch(f) for branch, f in zip(self.branches, feats)]
-        h1, w1 = maps[0].shape[-2:]
         oy, ox = offsets[0]
         full_h1, full_w1 = full_sizes[0]
-        ups = [maps[0]]
-        for m, (my, mx), (fh, fw) in zip(maps[1:], offsets[1:], full_sizes[1:]):
-            m = resize_window_axis(m, 2, fh, full_h1, my, oy, h1)
-            ups.append(resize_window_axis(m, 3, fw, full_w1, mx, ox, w1))
-        del maps
-        return self.fuse(torch.cat(ups, dim=1))
+        h1, w1 = feats[0].shape[-2:]
+        buf: Tensor | None = None
+        c0 = 0
+        for i, (branch, f) in enumerate(zip(self.branches, feats)):
+            m = branch(f)
+            if i > 0:
+                (my, mx), (fh, fw) = offsets[i], full_sizes[i]
+                m = resize_window_axis(m, 3, fw, full_w1, mx, ox, w1)  # small axis first
+                m = resize_window_axis(m, 2, fh, full_h1, my, oy, h1)
+            if buf is None:
+                buf = m.new_empty((m.shape[0], self.concat_channels, h1, w1))
+            buf[:, c0 : c0 + m.shape[1]] = m
+            c0 += m.shape[1]
+            del m
+        assert buf is not None
+        return self._fuse_rows(buf, patch_rows) if patch_rows > 0 else self.fuse(buf)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -257,6 +268,6 @@ def resize_window_axis(
     shape = [1] * x.dim()
     shape[dim] = out_len
     lam = lam.view(shape)
-    a = x.index_select(dim, i0)
-    bb = x.index_select(dim, i1)
-    return a + (bb - a) * lam
+    lead = (slice(None),) * dim  # advanced indexing: far faster than index_select on the
+    a = x[(*lead, i0)]  # last dim of large CPU tensors
+    return torch.lerp(a, x[(*lead, i1)], lam)

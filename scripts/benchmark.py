@@ -1,0 +1,12 @@
+"""Compare CRM inference variants: ``python scripts/benchmark.py [--ckpt ...] [--variants ...]``.
+
+Each variant (``configs/inference/<name>.yaml``) runs in a fresh process on the same images with
+the same weights; ``python scripts/benchmark.py --help`` lists the options.
+"""
+
+import sys
+
+from samsr.engine.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())
