@@ -54,3 +54,20 @@ def tiny_cfg(tmp_path):
         return compose_config(name, tiny + TINY_SYNTHETIC + (extra or []), tmp_path)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random ResNet-18 CRM in eval mode with non-trivial BN statistics (the mask matters)."""
+    import torch
+
+    from samsr.models import build_crm
+
+    torch.manual_seed(0)
+    m = build_crm("resnet18", dropout=0.0).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m

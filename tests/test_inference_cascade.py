@@ -15,18 +15,6 @@ from samsr.models.components import make_coord
 H, W = 45, 61  # odd on purpose
 
 
-@pytest.fixture(scope="module")
-def model() -> CRM:
-    torch.manual_seed(0)
-    m = build_crm("resnet18").eval()
-    with torch.no_grad():  # non-trivial BN statistics so that the mask matters
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-    return m
-
-
 def _inputs(kind: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     image = torch.rand(1, 3, H, W, generator=g)

@@ -14,22 +14,10 @@ from samsr.inference import CascadeConfig, Refiner, refine
 from samsr.inference.cascade import _padded_inputs, pad_reflect
 from samsr.inference.regions import bbox_region, contour_region, strided_fill
 from samsr.inference.tiling import plan_tiles, scaled_window
-from samsr.models import CRM, build_crm
+from samsr.models import CRM
 from samsr.models.components.fusion import Fusion
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(scope="module")
-def model() -> CRM:
-    torch.manual_seed(0)
-    m = build_crm("resnet18", dropout=0.0).eval()
-    with torch.no_grad():  # non-trivial BN statistics so that the mask matters
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-    return m
 
 
 def _inputs(h: int, w: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
