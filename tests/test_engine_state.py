@@ -117,3 +117,26 @@ def test_official_crm_file_loads_through_the_engine(tmp_path):
         assert torch.equal(target.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model_weights(build_crm("resnet34"), path, model_name="crm")
+
+
+def test_crm_weights_initialise_a_wider_input_model(tmp_path):
+    """CRM (4 channels) -> SAM-SR v2.1 (7): extra input weights zero, same function."""
+    from samsr.engine.checkpoint import CKPT_FORMAT, load_model_weights
+    from samsr.models.crm import build_crm
+
+    torch.manual_seed(0)
+    crm = build_crm("resnet18", dropout=0.0).eval()
+    path = tmp_path / "crm.pt"
+    torch.save({"format": CKPT_FORMAT, "model_name": "crm", "model": crm.state_dict()}, path)
+    wide = build_crm("resnet18", in_channels=7, dropout=0.0).eval()
+    with pytest.raises(CheckpointError, match="holds a 'crm' model"):
+        load_model_weights(wide, path, model_name="samsr_v2_1")  # evaluation: refused
+    load_model_weights(wide, path, model_name="samsr_v2_1", init=True)
+    w = wide.encoder.conv1.weight
+    assert torch.equal(w[:, :4], crm.encoder.conv1.weight) and not w[:, 4:].any()
+    image, coarse = torch.rand(1, 3, 40, 48), (torch.rand(1, 1, 40, 48) > 0.5).float()
+    extra = torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        expected = crm(image, coarse)["logits"]
+        got = wide(image, coarse, extra)["logits"]
+    torch.testing.assert_close(got, expected)

@@ -24,7 +24,8 @@ def test_every_model_config_builds_and_trains_a_step(tiny_cfg, model):
     net = build_model(cfg.model)
     loss_fn = build_loss(cfg.model)
     image, coarse = torch.rand(2, 3, 41, 57), (torch.rand(2, 1, 41, 57) > 0.5).float()
-    out = net(image, coarse)
+    extra = torch.rand(2, net.in_channels - 4, 41, 57) if net.in_channels > 4 else None
+    out = net(image, coarse, extra)
     assert out["logits"].shape == (2, 1, 41, 57)
     losses = loss_fn(out["logits"], coarse)
     losses["total"].backward()

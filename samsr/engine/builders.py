@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import torch
@@ -19,11 +20,17 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid."""
 
 
-def build_model(model_cfg: DictConfig, weights: str | None = None) -> nn.Module:
-    """Instantiate ``model.net``; load ``weights`` (samsr or official CRM checkpoint) if given."""
+def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = False) -> nn.Module:
+    """Instantiate ``model.net``; load ``weights`` (samsr or official CRM checkpoint) if given.
+
+    ``init=True`` (``model.init_weights`` for training) also accepts another variant's weights
+    and zero-fills extra input channels (CRM -> SAM-SR v2.1/v2.2).
+    """
     model = instantiate(model_cfg.net)
     if weights:
-        load_model_weights(model, weights, model_name=model_cfg.get("name"))
+        # SAM-SR v1 runs an unchanged CRM: its weights are checked against ``weights_name``
+        name = model_cfg.get("weights_name") or model_cfg.get("name")
+        load_model_weights(model, weights, model_name=name, init=init)
     return model
 
 
@@ -38,14 +45,73 @@ def prepare_data(data_cfg: DictConfig) -> None:
         instantiate(data_cfg.prepare)
 
 
-def build_train_dataset(data_cfg: DictConfig) -> torch.utils.data.Dataset:
-    """The training dataset of ``data.train``."""
+def build_train_dataset(
+    data_cfg: DictConfig, model_cfg: DictConfig | None = None
+) -> torch.utils.data.Dataset:
+    """The training dataset of ``data.train`` (with precomputed SAM maps if the model uses them)."""
     if not data_cfg.get("train"):
         raise ConfigError(
             f"data={data_cfg.get('name')} has no training set (data.train is null); "
             "train with data=train_merged, data=duts_sample or data=synthetic."
         )
-    return instantiate(data_cfg.train)
+    maps = model_cfg.get("sam_maps") if model_cfg is not None else None
+    if not maps:
+        return instantiate(data_cfg.train)
+    from samsr.data.sam_maps import SamMapLoader
+
+    roots = [str(r) for r in data_cfg.train.roots]
+    loader = SamMapLoader(str(maps.cache_dir), roots, expected_manifest=_sam_identity(model_cfg))
+    return instantiate(data_cfg.train, extra_loader=loader)
+
+
+def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
+    """What the cached maps must have been made with: this model's SAM type and AMG settings.
+
+    (The checkpoint file is not compared: training needs only the maps, not SAM itself.)
+    """
+    from samsr.models.sam import AmgConfig
+
+    sam_cfg = model_cfg.sam
+    amg = OmegaConf.to_container(sam_cfg.amg, resolve=True)
+    assert isinstance(amg, dict)
+    try:
+        amg_values = dataclasses.asdict(AmgConfig(**amg))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid model.sam.amg: {err}") from err
+    amg_values = json.loads(json.dumps(amg_values))  # tuples -> lists, as in the manifest
+    amg_values.pop("points_per_batch", None)  # batching does not change the masks
+    return {"sam_type": "tiny" if sam_cfg.get("tiny") else str(sam_cfg.type), "amg": amg_values}
+
+
+def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.device) -> Any:
+    """Wraps ``refiner`` with SAM for the SAM-SR variants (``model.sam`` set), else returns it."""
+    sam_cfg = model_cfg.get("sam")
+    if not sam_cfg:
+        return refiner
+    from samsr.inference.sam_refiner import SamGuidedRefiner
+    from samsr.models.sam import AmgConfig, SamRunner, build_sam, build_tiny_sam
+
+    amg_values = OmegaConf.to_container(sam_cfg.amg, resolve=True)
+    assert isinstance(amg_values, dict)
+    try:
+        amg = AmgConfig(**amg_values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid model.sam.amg: {err}") from err
+    if sam_cfg.get("tiny"):
+        sam = build_tiny_sam(seed=int(sam_cfg.get("seed", 0))).to(device)
+    else:
+        sam = build_sam(str(sam_cfg.type), str(sam_cfg.checkpoint), device=device)
+    v1 = None
+    if model_cfg.get("v1"):
+        from samsr.inference.sam_v1 import V1Config
+
+        values = OmegaConf.to_container(model_cfg.v1, resolve=True)
+        assert isinstance(values, dict)
+        try:
+            v1 = V1Config(**values)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"invalid model.v1: {err}") from err
+    return SamGuidedRefiner(refiner, SamRunner(sam), str(model_cfg.name), amg, v1)
 
 
 def build_eval_datasets(

@@ -108,18 +108,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
 
 
-def model_state_from_file(path: str | Path, model_name: str | None = None) -> dict[str, Any]:
+INPUT_CONV_KEY = "encoder.conv1.weight"  # CRM's first conv: its input channels grow in SAM-SR v2
+
+
+def model_state_from_file(
+    path: str | Path, model_name: str | None = None, init: bool = False
+) -> dict[str, Any]:
     """Return a state dict for ``model`` from a samsr or an official CRM checkpoint.
 
     Args:
         path: the checkpoint file.
         model_name: the name of the model that will receive the weights (``cfg.model.name``);
             a samsr checkpoint of another variant is refused with a clear message.
+        init: initialising a new model for training: a checkpoint of another variant is
+            accepted (e.g. CRM weights for SAM-SR v2.1).
     """
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
         saved = ckpt.get("model_name")
-        if model_name is not None and saved is not None and saved != model_name:
+        if not init and model_name is not None and saved is not None and saved != model_name:
             raise CheckpointError(
                 f"{path} holds a '{saved}' model but the config builds '{model_name}': "
                 f"pass model={saved} or another checkpoint."
@@ -134,9 +141,44 @@ def model_state_from_file(path: str | Path, model_name: str | None = None) -> di
     return convert_official_crm(state)
 
 
-def load_model_weights(model: nn.Module, path: str | Path, model_name: str | None = None) -> None:
-    """Load weights into ``model`` (strict) from a samsr or official CRM checkpoint."""
-    state = model_state_from_file(path, model_name)
+def expand_input_channels(state: dict[str, Any], target: dict[str, Any]) -> int:
+    """Zero-fills the input conv of ``state`` up to ``target``'s input channels, in place.
+
+    The reference rule for new input channels (as for the mask channel on ImageNet weights):
+    the pretrained filters keep their channels, the new ones start at zero, so the initialised
+    model computes exactly what the checkpoint did until training moves them.
+
+    Returns:
+        The number of channels added (0 if nothing changed).
+    """
+    src, dst = state.get(INPUT_CONV_KEY), target.get(INPUT_CONV_KEY)
+    if src is None or dst is None or src.shape == dst.shape:
+        return 0
+    if (
+        src.shape[0] != dst.shape[0]
+        or src.shape[2:] != dst.shape[2:]
+        or src.shape[1] > dst.shape[1]
+    ):
+        return 0  # not a channel expansion: the strict load reports it
+    extra = dst.shape[1] - src.shape[1]
+    state[INPUT_CONV_KEY] = torch.cat(
+        [src, src.new_zeros((src.shape[0], extra, *src.shape[2:]))], 1
+    )
+    return extra
+
+
+def load_model_weights(
+    model: nn.Module, path: str | Path, model_name: str | None = None, init: bool = False
+) -> None:
+    """Load weights into ``model`` (strict) from a samsr or official CRM checkpoint.
+
+    With ``init=True`` (training initialisation) a checkpoint of another variant is accepted and
+    a model with more input channels gets the extra input weights zero-filled
+    (:func:`expand_input_channels`).
+    """
+    state = dict(model_state_from_file(path, model_name, init=init))
+    if init:
+        expand_input_channels(state, model.state_dict())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -37,6 +37,9 @@ def evaluate(
 
     Args:
         refine: ``(image HxWx3 uint8, coarse HxW uint8) -> refined HxW uint8``, e.g. a Refiner.
+            Optional protocol: ``takes_name = True`` (called with ``name=``), ``reset()``
+            before each source and ``report() -> dict`` merged into its metrics (SAM-SR's
+            ``sam_ms`` / ``refine_ms`` and gate counts).
         datasets: coarse source name -> evaluation dataset (items: image, gt, coarse, name).
         device: the device the model runs on (timing synchronises it, peak memory is read there).
         out_dir: where ``metrics.json``, ``results.md`` and saved masks go (None: nothing written).
@@ -58,18 +61,26 @@ def evaluate(
             raise ValueError(f"evaluation source '{source}' has no images")
         meter = RefinementMeter()
         eff = EfficiencyMeter(device, warmup=warmup, dtype=dtype)
+        takes_name = bool(getattr(refine, "takes_name", False))
+        if hasattr(refine, "reset"):
+            refine.reset()  # per-source stage times / counts (SAM-guided refiners)
         sizes: set[tuple[int, int]] = set()
         bar = tqdm(range(len(dataset)), desc=f"eval {source}", disable=not progress, leave=False)
         for i in bar:
             sample = dataset[i]
             with eff.measure(size=sample["gt"].shape[:2]):
-                pred = refine(sample["image"], sample["coarse"])
+                if takes_name:
+                    pred = refine(sample["image"], sample["coarse"], name=sample["name"])
+                else:
+                    pred = refine(sample["image"], sample["coarse"])
             meter.update(sample["name"], sample["gt"], pred, sample["coarse"])
             sizes.add(tuple(sample["gt"].shape[:2]))
             if save_masks and out_dir is not None:
                 write_mask(Path(out_dir) / "masks" / source / f"{sample['name']}_mask.png", pred)
         res: dict[str, Any] = {**meter.compute(), **eff.compute()}
         res["image_sizes"] = sorted(f"{w}x{h}" for h, w in sizes)
+        if hasattr(refine, "report"):
+            res.update(refine.report())  # e.g. sam_ms / refine_ms and SAM-SR v1 gate counts
         res["per_image"] = meter.per_image()
         results[source] = res
 

@@ -20,6 +20,7 @@ from samsr.engine.builders import (
     build_loss,
     build_model,
     build_refiner,
+    build_sam_refiner,
     build_train_dataset,
     prepare_data,
     to_container,
@@ -55,7 +56,7 @@ def evaluate_model(
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``cfg.data.<split>``."""
     datasets = build_eval_datasets(cfg.data, split, max_images)
-    refiner = build_refiner(model, cfg.inference, device)
+    refiner = build_sam_refiner(build_refiner(model, cfg.inference, device), cfg.model, device)
     return evaluate(
         refiner,
         datasets,
@@ -87,8 +88,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     log.info("run dir: %s, device: %s", run_dir, device)
 
     prepare_data(cfg.data)
-    dataset = build_train_dataset(cfg.data)
-    model = build_model(cfg.model, weights=cfg.model.get("init_weights"))
+    dataset = build_train_dataset(cfg.data, cfg.model)
+    model = build_model(cfg.model, weights=cfg.model.get("init_weights"), init=True)
     settings = TrainSettings(**cfg.trainer)
 
     validate = None

@@ -334,7 +334,8 @@ def refine(
             no full-size float copy of the input is needed).
         coarse: 1 x 1 x H x W coarse mask, float in [0, 1] or uint8.
         cfg: cascade settings (default: the reference protocol).
-        extra: optional 1 x E x H x W extra input channels (SAM-SR variants), kept fixed.
+        extra: optional 1 x E x H x W extra input channels (SAM-SR variants), kept fixed;
+            float, or uint8 (divided by 255, like training's maps).
         timings: if given, ``"encode"`` and ``"decode"`` seconds are added to it (with device
             synchronisation, which costs a little), and counters: ``"decoded_px"`` (queries
             decoded over all scales), ``"tiles"`` / ``"tiles_skipped"`` (tiled mode).
@@ -387,7 +388,7 @@ def _padded_inputs(
         model: the CRM (its :meth:`~CRM.normalize_inputs` defines the normalisation).
         image: 1 x 3 x H x W, float in [0, 1] or uint8.
         coarse: 1 x 1 x H x W, float in [0, 1] or uint8.
-        extra: optional 1 x E x H x W extra channels.
+        extra: optional 1 x E x H x W extra channels (uint8 maps are divided by 255).
         pad: reflect padding.
         keep_coarse: also return the padded coarse probability (else an empty buffer).
         band_rows: rows normalised at a time.
@@ -412,7 +413,7 @@ def _padded_inputs(
         r1 = min(r0 + band_rows, h)
         rows = slice(pad + r0, pad + r1)
         c_band = _as_unit(coarse[..., r0:r1, :])
-        e_band = None if extra is None else extra[..., r0:r1, :]
+        e_band = None if extra is None else _as_unit(extra[..., r0:r1, :])
         x = model.normalize_inputs(_as_unit(image[..., r0:r1, :]), c_band, e_band).float()
         static[:, :MASK_CHANNEL, rows, cols] = x[:, :MASK_CHANNEL]
         static[:, MASK_CHANNEL:, rows, cols] = x[:, MASK_CHANNEL + 1 :]

@@ -95,12 +95,16 @@ class Refiner:
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             return refine(self.model, image_t, coarse_t, self.cascade, extra, self.timings)
 
-    def __call__(self, image: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, image: np.ndarray, coarse: np.ndarray, extra: np.ndarray | None = None
+    ) -> np.ndarray:
         """Refines one mask.
 
         Args:
             image: H x W x 3 uint8 RGB image.
             coarse: H x W uint8 coarse mask, 0/255 (soft 8-bit values are used as they are).
+            extra: optional H x W x E uint8 map for models with extra input channels (SAM-SR
+                v2.1's SAM map), read as value / 255.
 
         Returns:
             H x W uint8 refined mask, ``uint8(probability * 255)`` as the reference saves it.
@@ -134,7 +138,18 @@ class Refiner:
         coarse_t = torch.from_numpy(np.ascontiguousarray(coarse)).to(self.device)
         image_t = image_t.permute(2, 0, 1).unsqueeze(0)
         coarse_t = coarse_t[None, None]
+        extra_t = None
+        if extra is not None:
+            if extra.ndim == 2:
+                extra = extra[..., None]
+            if extra.dtype != np.uint8 or extra.shape[:2] != coarse.shape:
+                raise ValueError(
+                    f"extra must be an H x W x E uint8 map of the image size {coarse.shape}, got "
+                    f"{extra.dtype} {extra.shape}."
+                )
+            extra_t = torch.from_numpy(np.ascontiguousarray(extra)).to(self.device)
+            extra_t = extra_t.permute(2, 0, 1).unsqueeze(0)
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            prob = refine(self.model, image_t, coarse_t, self.cascade, timings=self.timings)
+            prob = refine(self.model, image_t, coarse_t, self.cascade, extra_t, self.timings)
         # ref tensor_to_gray_im: (prob * 255).astype('uint8'), truncation
         return (prob[0, 0] * 255).to(torch.uint8).cpu().numpy()

@@ -1,0 +1,525 @@
+"""SAM colour maps (SAM-SR v2.1, SPEC section 6): painting, the on-disk cache, and loading.
+
+A SAM map paints the masks of SAM's automatic mask generation (AMG) on a black canvas: masks are
+sorted by area, largest first, and each gets a random RGB colour (channels in [32, 255], never
+black), so later, smaller masks lie on top and the pixels no mask covers stay black (uncertain
+regions). The colours come from ``np.random.default_rng(map_seed(name))`` drawn in that order, so a
+map depends only on the masks and the image's name.
+
+Cache layout (made by ``python scripts/precompute_sam.py``)::
+
+    <cache_root>/manifest.json                       what made the maps (compared on every use)
+    <cache_root>/<root>/<rel>/<stem>_sam.png         one RGB PNG per image, the image's size
+
+``<root>`` is the folder name of the dataset root the image was found in (``DUTS-TR``, ``fss``, a
+BIG split such as ``test``) and ``<rel>/<stem>`` the image path relative to that root without its
+suffix: ``data/train/DUTS-TR/x.jpg`` -> ``<cache_root>/DUTS-TR/x_sam.png``,
+``data/train/fss/cat/1.jpg`` -> ``<cache_root>/fss/cat/1_sam.png``, ``data/BIG/test/a_im.jpg``
+-> ``<cache_root>/test/a_im_sam.png``. ``<root>/<rel>/<stem>`` is also the name that seeds the
+colours. Dataset roots sharing a folder name therefore need separate cache roots.
+
+``manifest.json`` holds ``format_version`` (of the map format), ``sam_type`` (``vit_h``, ``vit_l``,
+``vit_b`` or ``tiny``), ``checkpoint`` (file ``name`` and ``size`` in bytes; null for the random
+tiny SAM), ``amg`` (every AMG setting, ``max_side`` included) and an ``info`` section (date,
+command; never compared). Each PNG also carries the manifest's hash in a ``samsr_sam_map`` text
+chunk, so a cache switched to other settings (``--overwrite``) and interrupted never mixes maps
+of both: maps with another hash are recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shlex
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from samsr.data.io import DataError, atomic_write_bytes, read_image
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MAP_SUFFIX",
+    "SamMapLoader",
+    "annotation_area",
+    "check_manifest",
+    "decode_annotation",
+    "load_map",
+    "make_manifest",
+    "manifest_key",
+    "map_is_current",
+    "map_name",
+    "map_path",
+    "map_seed",
+    "paint_sam_map",
+    "read_manifest",
+    "write_manifest",
+    "write_map",
+]
+
+FORMAT_VERSION = 1
+"""Version of the map format (painting rule + file layout); bump it when either changes."""
+MANIFEST_NAME = "manifest.json"
+MAP_SUFFIX = "_sam.png"
+COLOUR_RANGE = (32, 256)
+"""Colour channels are drawn from ``[32, 256)``: never black, which means "no mask"."""
+_KEY_CHUNK = "samsr_sam_map"
+_INFO = "info"
+_PRECOMPUTE = "python scripts/precompute_sam.py"
+
+Decoder = Callable[[Mapping[str, Any]], np.ndarray]
+"""``ann -> H x W`` bool mask of one AMG annotation."""
+
+# --------------------------------------------------------------------------- painting
+
+
+def map_seed(name: str) -> int:
+    """Colour seed of an image: CRC-32 of its UTF-8 name (stable across runs, unlike ``hash``)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def _segmentation(ann: Mapping[str, Any]) -> Any:
+    try:
+        return ann["segmentation"]
+    except (KeyError, TypeError) as exc:
+        raise DataError(
+            f"SAM annotation without 'segmentation' (keys: {list(ann)}); expected an AMG dict."
+        ) from exc
+
+
+def _rle_counts(seg: Any) -> np.ndarray | None:
+    """The counts of an uncompressed RLE dict, or None for other segmentations."""
+    if isinstance(seg, Mapping) and isinstance(seg.get("counts"), (list, tuple, np.ndarray)):
+        return np.asarray(seg["counts"], dtype=np.int64)
+    return None
+
+
+def _mask_size(seg: Any) -> tuple[int, int]:
+    if isinstance(seg, Mapping):
+        height, width = seg["size"]
+        return int(height), int(width)
+    return tuple(np.shape(seg)[:2])  # type: ignore[return-value]
+
+
+def decode_annotation(ann: Mapping[str, Any]) -> np.ndarray:
+    """Decodes one AMG annotation's mask.
+
+    Args:
+        ann: AMG dict whose ``segmentation`` is an ``H x W`` bool array (``binary_mask``), an
+            uncompressed RLE dict (``uncompressed_rle``: ``size`` [H, W], column-major ``counts``
+            starting with background) or a COCO RLE (``coco_rle``, needs pycocotools).
+
+    Returns:
+        ``H x W`` bool mask.
+    """
+    seg = _segmentation(ann)
+    counts = _rle_counts(seg)
+    if counts is not None:
+        height, width = _mask_size(seg)
+        if int(counts.sum()) != height * width:
+            raise DataError(f"RLE counts sum to {counts.sum()}, not {height}x{width}.")
+        values = np.arange(len(counts)) % 2 == 1
+        return np.repeat(values, counts).reshape(width, height).T
+    if isinstance(seg, Mapping):  # COCO RLE with compressed string counts
+        try:
+            from pycocotools import mask as mask_utils  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise DataError(
+                "COCO RLE annotations need pycocotools (pip install pycocotools); or generate "
+                "with output_mode='uncompressed_rle'."
+            ) from exc
+        return mask_utils.decode(dict(seg)).astype(bool)
+    return np.asarray(seg, dtype=bool)
+
+
+def annotation_area(ann: Mapping[str, Any]) -> int:
+    """Mask area in pixels: the AMG ``area`` field, else counted from the segmentation."""
+    if "area" in ann:
+        return int(ann["area"])
+    counts = _rle_counts(_segmentation(ann))
+    if counts is not None:
+        return int(counts[1::2].sum())
+    return int(decode_annotation(ann).sum())
+
+
+def paint_sam_map(
+    anns: Sequence[Mapping[str, Any]],
+    shape: tuple[int, int],
+    seed: int,
+    decode: Decoder | None = None,
+) -> np.ndarray:
+    """Paints AMG masks, largest first, each in a random colour on a black canvas.
+
+    Masks are sorted by area (descending; ties keep their order) and painted in that order, so
+    smaller masks lie on top; colours are drawn from ``np.random.default_rng(seed)`` in the same
+    order (:data:`COLOUR_RANGE`). One mask is decoded at a time: uncompressed RLE runs are painted
+    directly without decoding a full mask. Masks smaller than ``shape`` (AMG run on a downscaled
+    image) are painted at their size and the map is resized (nearest neighbour).
+
+    Args:
+        anns: AMG annotation dicts (``segmentation``, optionally ``area``), all of one size.
+        shape: ``(H, W)`` of the output map (the image size).
+        seed: Colour seed, usually ``map_seed(name)``.
+        decode: ``ann -> H x W`` bool mask; default :func:`decode_annotation` (RLE fast path).
+
+    Returns:
+        ``H x W x 3`` uint8 RGB map; pixels no mask covers are 0.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"paint_sam_map: bad shape {shape}")
+    if not anns:
+        return np.zeros((height, width, 3), np.uint8)
+    areas = [annotation_area(a) for a in anns]
+    order = sorted(range(len(anns)), key=lambda i: -areas[i])
+    rng = np.random.default_rng(seed)
+    palette = np.zeros((len(anns) + 1, 3), np.uint8)  # row 0: black, "no mask"
+    palette[1:] = rng.integers(*COLOUR_RANGE, size=(len(anns), 3), dtype=np.uint8)
+    mask_h, mask_w = _mask_size(_segmentation(anns[order[0]]))
+    dtype = np.uint16 if len(anns) < np.iinfo(np.uint16).max else np.uint32
+    labels_t = np.zeros((mask_w, mask_h), dtype)  # transposed: RLE counts are column-major
+    flat = labels_t.reshape(-1)
+    for label, index in enumerate(order, start=1):
+        ann = anns[index]
+        seg = _segmentation(ann)
+        if _mask_size(seg) != (mask_h, mask_w):
+            raise DataError(
+                f"SAM masks of different sizes: {_mask_size(seg)} and {(mask_h, mask_w)} (HxW)."
+            )
+        counts = _rle_counts(seg) if decode is None else None
+        if counts is not None:
+            ends = np.cumsum(counts)
+            for start, stop in zip((ends - counts)[1::2].tolist(), ends[1::2].tolist()):
+                flat[start:stop] = label
+        else:
+            mask = (decode or decode_annotation)(ann)
+            if mask.shape != (mask_h, mask_w):
+                raise DataError(f"decoded mask is {mask.shape}, expected {(mask_h, mask_w)}.")
+            labels_t.T[mask] = label
+    sam_map = np.ascontiguousarray(palette[labels_t.T])
+    if (mask_h, mask_w) != (height, width):
+        sam_map = cv2.resize(sam_map, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    return sam_map
+
+
+# --------------------------------------------------------------------------- cache layout
+
+
+def _abs(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def map_name(dataset_root: str | os.PathLike[str], image_path: str | os.PathLike[str]) -> str:
+    """The cache name of an image: ``<root folder name>/<rel>/<stem>`` (POSIX separators).
+
+    Raises:
+        DataError: The image is not inside ``dataset_root``.
+    """
+    root, image = _abs(dataset_root), _abs(image_path)
+    if not root.name:
+        raise DataError(f"dataset root {dataset_root} has no folder name; use a sub-folder.")
+    try:
+        rel = image.relative_to(root)
+    except ValueError:
+        try:
+            rel = image.resolve().relative_to(root.resolve())
+        except ValueError:
+            raise DataError(
+                f"image {image_path} is not inside dataset root {dataset_root}."
+            ) from None
+    return (Path(root.name) / rel.with_suffix("")).as_posix()
+
+
+def map_path(
+    cache_root: str | os.PathLike[str],
+    dataset_root: str | os.PathLike[str],
+    image_path: str | os.PathLike[str],
+) -> Path:
+    """``<cache_root>/<root folder name>/<rel>/<stem>_sam.png`` (see the module docstring)."""
+    return Path(cache_root) / f"{map_name(dataset_root, image_path)}{MAP_SUFFIX}"
+
+
+def make_manifest(
+    sam_type: str, checkpoint: str | os.PathLike[str] | None, amg: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The identity of a cache: what :func:`check_manifest` compares.
+
+    Args:
+        sam_type: ``vit_h``, ``vit_l``, ``vit_b`` or ``tiny``.
+        checkpoint: SAM checkpoint file (its name and size are recorded); None for no checkpoint.
+        amg: Every AMG setting (``dataclasses.asdict(AmgConfig)``), ``max_side`` included.
+
+    Returns:
+        JSON-ready dict with ``format_version``, ``sam_type``, ``checkpoint``, ``amg``.
+    """
+    ckpt = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise DataError(f"SAM checkpoint not found: {path}. Pass --sam-checkpoint PATH.")
+        ckpt = {"name": path.name, "size": path.stat().st_size}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "sam_type": str(sam_type),
+        "checkpoint": ckpt,
+        "amg": dict(amg),
+    }
+    return json.loads(json.dumps(manifest, default=_jsonable))  # tuples -> lists, as on disk
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON form of numpy values (e.g. AMG ``point_grids`` arrays)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def manifest_key(manifest: Mapping[str, Any]) -> str:
+    """A 16-hex-digit hash of a manifest's identity (everything but ``info``)."""
+    identity = {k: v for k, v in manifest.items() if k != _INFO}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_manifest(cache_root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The cache's manifest, or None if there is none.
+
+    Raises:
+        DataError: The manifest exists but is not valid JSON.
+    """
+    path = Path(cache_root) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot read SAM cache manifest {path}: {exc}. Rerun {_PRECOMPUTE} with --overwrite."
+        ) from exc
+
+
+def write_manifest(cache_root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
+    """Writes ``<cache_root>/manifest.json`` atomically; returns its path."""
+    path = Path(cache_root) / MANIFEST_NAME
+    text = json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+_MISSING = object()
+
+
+def check_manifest(
+    cache_root: str | os.PathLike[str], expected: Mapping[str, Any], exact: bool = False
+) -> dict[str, Any]:
+    """Checks that a cache was made with the expected settings.
+
+    Every key of ``expected`` (nested dicts key by key, e.g. ``amg.points_per_side``) must equal
+    the manifest's; the ``info`` section is never compared.
+
+    Args:
+        cache_root: Cache folder.
+        expected: Usually :func:`make_manifest`'s result for the settings in use.
+        exact: Also fail on keys the manifest has and ``expected`` lacks (False: ignore them,
+            so a caller may check only some fields).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        DataError: No manifest, or fields that differ (each named, with both values).
+    """
+    manifest = read_manifest(cache_root)
+    if manifest is None:
+        raise DataError(
+            f"no SAM cache manifest {Path(cache_root) / MANIFEST_NAME}: the cache is missing or "
+            f"was not made by {_PRECOMPUTE}. Run it with --out {cache_root}."
+        )
+    identity = {k: v for k, v in expected.items() if k != _INFO}
+    wanted = json.loads(json.dumps(identity, default=_jsonable))
+    have = _flatten(manifest)
+    diffs = []
+    for key, value in _flatten(wanted).items():
+        got = have.get(key, _MISSING)
+        if got != value:
+            got_text = "(missing)" if got is _MISSING else json.dumps(got)
+            diffs.append(f"{key}: cache {got_text}, expected {json.dumps(value)}")
+    if exact:
+        wanted_keys = _flatten(wanted)
+        for key, got in have.items():
+            if key not in wanted_keys and key.split(".")[0] != _INFO:
+                diffs.append(f"{key}: cache {json.dumps(got)}, expected (missing)")
+    if diffs:
+        raise DataError(
+            f"SAM cache {cache_root} was made with other settings ({'; '.join(diffs)}). Use "
+            f"another cache folder, or rerun {_PRECOMPUTE} --out {cache_root} --overwrite "
+            "with the new settings to replace it."
+        )
+    return manifest
+
+
+def write_map(path: str | os.PathLike[str], sam_map: np.ndarray, key: str) -> None:
+    """Writes a map as an RGB PNG carrying the manifest ``key``, atomically.
+
+    Args:
+        path: Target ``..._sam.png``.
+        sam_map: ``H x W x 3`` uint8 RGB map.
+        key: :func:`manifest_key` of the cache's manifest.
+    """
+    sam_map = np.asarray(sam_map)
+    if sam_map.ndim != 3 or sam_map.shape[2] != 3 or sam_map.dtype != np.uint8:
+        raise DataError(f"write_map({path}): expected H x W x 3 uint8, got {sam_map.shape}.")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(_KEY_CHUNK, key)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(sam_map)).save(
+        buffer, format="PNG", pnginfo=info, compress_level=3
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def map_is_current(path: str | os.PathLike[str], key: str) -> bool:
+    """True if ``path`` is a readable map written with manifest ``key`` (reads the header only)."""
+    try:
+        with Image.open(path) as pil:
+            return pil.format == "PNG" and pil.info.get(_KEY_CHUNK) == key
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _size_text(hw: tuple[int, ...]) -> str:
+    return f"{hw[1]}x{hw[0]} (WxH)"
+
+
+def load_map(
+    path: str | os.PathLike[str],
+    expected_hw: tuple[int, int] | None = None,
+    hint: str = f"run {_PRECOMPUTE} --images <dataset roots> --out <cache root> ...",
+) -> np.ndarray:
+    """Reads a precomputed SAM map.
+
+    Args:
+        path: ``..._sam.png`` (see :func:`map_path`).
+        expected_hw: ``(H, W)`` it must have (the image size); None skips the check.
+        hint: How to make a missing map, appended to the error.
+
+    Returns:
+        ``H x W x 3`` uint8 RGB map.
+
+    Raises:
+        DataError: Missing/unreadable map (with ``hint``), or a size other than ``expected_hw``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"SAM map not found: {path}. To make it, {hint}")
+    sam_map = read_image(path)
+    if expected_hw is not None and sam_map.shape[:2] != tuple(expected_hw):
+        raise DataError(
+            f"SAM map {path} is {_size_text(sam_map.shape[:2])} but the image is "
+            f"{_size_text(tuple(expected_hw))}; the cache was made from other images. "
+            f"Rerun {_PRECOMPUTE} --overwrite into this cache, or use another one."
+        )
+    return sam_map
+
+
+class SamMapLoader:
+    """Reads cached SAM maps; an ``extra_loader`` for ``RefinementTrainDataset``.
+
+    Called as ``loader(pair, (H, W))`` with a :class:`~samsr.data.layouts.Pair`; finds the dataset
+    root holding ``pair.image`` (the deepest one) and reads :func:`map_path`. Picklable, so it
+    works in DataLoader workers.
+
+    Args:
+        cache_root: Cache folder (``--out`` of ``scripts/precompute_sam.py``).
+        dataset_roots: Dataset roots (the training ``roots``, BIG split folders).
+        expected_manifest: If given, checked once here with :func:`check_manifest`.
+
+    Raises:
+        DataError: Manifest mismatch (at construction); missing map or size mismatch (per call).
+    """
+
+    def __init__(
+        self,
+        cache_root: str | os.PathLike[str],
+        dataset_roots: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        expected_manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(dataset_roots, (str, os.PathLike)):
+            dataset_roots = [dataset_roots]
+        if not dataset_roots:
+            raise DataError("SamMapLoader needs at least one dataset root.")
+        self.cache_root = Path(cache_root)
+        self.dataset_roots = sorted((_abs(r) for r in dataset_roots), key=lambda p: -len(p.parts))
+        self.manifest = (
+            check_manifest(self.cache_root, expected_manifest)
+            if expected_manifest is not None
+            else None
+        )
+
+    def root_of(self, image_path: str | os.PathLike[str]) -> Path:
+        """The dataset root holding ``image_path`` (the deepest one)."""
+        image = _abs(image_path)
+        for root in self.dataset_roots:
+            if image.is_relative_to(root):
+                return root
+        resolved = image.resolve()
+        for root in self.dataset_roots:
+            if resolved.is_relative_to(root.resolve()):
+                return root
+        raise DataError(
+            f"image {image_path} is under none of the SAM map loader's dataset roots "
+            f"{[str(r) for r in self.dataset_roots]}; add its root to dataset_roots."
+        )
+
+    def path_for(self, image_path: str | os.PathLike[str]) -> Path:
+        """The cached map of ``image_path``."""
+        return map_path(self.cache_root, self.root_of(image_path), image_path)
+
+    def _hint(self, root: Path) -> str:
+        manifest = self.manifest or _read_manifest_quietly(self.cache_root)
+        sam = "--sam-type vit_h --sam-checkpoint <sam_vit_h.pth>"
+        if manifest and manifest.get("sam_type") == "tiny":
+            sam = "--tiny-sam"
+        elif manifest and manifest.get("sam_type"):
+            ckpt = (manifest.get("checkpoint") or {}).get("name", "<checkpoint>")
+            sam = f"--sam-type {manifest['sam_type']} --sam-checkpoint <path to {ckpt}>"
+        return (
+            f"run: {_PRECOMPUTE} --images {shlex.quote(str(root))} "
+            f"--out {shlex.quote(str(self.cache_root))} {sam} (same AMG settings as the cache)"
+        )
+
+    def __call__(self, pair: Any, hw: tuple[int, int]) -> np.ndarray:
+        """Returns the ``H x W x 3`` uint8 map of ``pair.image``; ``hw`` is the image's (H, W)."""
+        root = self.root_of(pair.image)
+        path = map_path(self.cache_root, root, pair.image)
+        if not path.is_file():
+            raise DataError(
+                f"SAM map not found: {path} (for image {pair.image}). To make it, "
+                f"{self._hint(root)}"
+            )
+        return load_map(path, hw)
+
+
+def _read_manifest_quietly(cache_root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """:func:`read_manifest`, but None instead of an error (for hints in messages)."""
+    try:
+        return read_manifest(cache_root)
+    except DataError:
+        return None
