@@ -7,8 +7,6 @@ import json
 import pytest
 
 from samsr.data.io import DataError
-from samsr.engine.builders import prepare_data
-from samsr.engine.precompute import main as precompute_main
 from samsr.engine.run import run_eval, run_train
 
 # a tiny SAM whose (random) predictions pass AMG's filters, so that masks come out
@@ -39,6 +37,7 @@ def test_v1_runs_a_crm_checkpoint_and_reports_sam_apart(tiny_cfg, tmp_path):
         stats = m["sam_v1"]
         assert stats["images"] == 2 and stats["used"] + stats["skipped"] == 2, stats
         assert metrics[source]["sam_ms"] == pytest.approx(m["sam_ms"])
+    assert "SAM (ms/image)" in (tmp_path / "e" / "results.md").read_text()
 
 
 def test_v2_1_trains_from_crm_weights_on_precomputed_maps(tiny_cfg, tmp_path):
@@ -56,11 +55,8 @@ def test_v2_1_trains_from_crm_weights_on_precomputed_maps(tiny_cfg, tmp_path):
     # without maps: a clear error naming the command that makes them
     with pytest.raises(DataError, match="precompute_sam"):
         run_train(cfg)
-    prepare_data(cfg.data)
-    roots = [str(r) for r in cfg.data.train.roots]
-    args = ["--images", *roots, "--out", str(cache), "--tiny-sam", "--no-progress"]
-    args += ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
-    assert precompute_main(args) == 0
-    res = run_train(tiny_cfg("train", overrides))
+    # one command: the missing maps are made first with the model's SAM settings
+    res = run_train(tiny_cfg("train", [*overrides, "model.sam_maps.precompute=true"]))
+    assert (cache / "manifest.json").is_file()
     for m in res["test"].values():  # evaluated with SAM on the fly
         assert m["num_images"] == 2 and m["sam_ms"] > 0

@@ -376,6 +376,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if summary.failed else 0
 
 
+def precompute_for_model(
+    sam_cfg: Mapping[str, Any], roots: Sequence[str], cache_dir: str, device: str = "auto"
+) -> int:
+    """Runs :func:`main` for a model config's SAM (``model.sam``) over training ``roots``.
+
+    Used by ``scripts/train.py`` with ``model.sam_maps.precompute=true``: maps already in the
+    cache are skipped, so this costs nothing once the cache is complete.
+
+    Returns:
+        The exit status of :func:`main`.
+    """
+    argv = ["--images", *roots, "--out", str(cache_dir), "--device", str(device)]
+    if sam_cfg.get("tiny"):
+        argv.append("--tiny-sam")
+    else:
+        argv += ["--sam-type", str(sam_cfg["type"]), "--sam-checkpoint", str(sam_cfg["checkpoint"])]
+    for key, value in dict(sam_cfg["amg"]).items():
+        argv += ["--amg", f"{key}={value!r}"]
+    return main(argv)
+
+
 def _make_generator(args: argparse.Namespace, amg: Any) -> tuple[Generate, dict[str, float]]:
     """Builds SAM once; returns ``(image, name) -> AMG dicts`` and the runner's timings."""
     from samsr.device import resolve_device

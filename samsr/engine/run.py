@@ -70,6 +70,25 @@ def evaluate_model(
     )
 
 
+def _precompute_sam_maps(cfg: DictConfig, device: torch.device) -> None:
+    """``model.sam_maps.precompute=true``: make the missing SAM maps of the training set first."""
+    maps = cfg.model.get("sam_maps")
+    if not maps or not maps.get("precompute"):
+        return
+    from samsr.data.io import DataError
+    from samsr.engine.precompute import precompute_for_model
+
+    sam_cfg = OmegaConf.to_container(cfg.model.sam, resolve=True)
+    assert isinstance(sam_cfg, dict)
+    roots = [str(r) for r in cfg.data.train.roots]
+    status = precompute_for_model(sam_cfg, roots, str(maps.cache_dir), str(device))
+    if status != 0:
+        raise DataError(
+            f"precomputing the SAM maps into {maps.cache_dir} failed (exit {status}); "
+            "see the messages above, or run scripts/precompute_sam.py yourself."
+        )
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) a refiner, then optionally evaluate it on ``data.test``.
 
@@ -88,6 +107,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     log.info("run dir: %s, device: %s", run_dir, device)
 
     prepare_data(cfg.data)
+    _precompute_sam_maps(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
     model = build_model(cfg.model, weights=cfg.model.get("init_weights"), init=True)
     settings = TrainSettings(**cfg.trainer)
