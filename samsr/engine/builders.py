@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hydra.utils import instantiate
@@ -14,6 +14,8 @@ from torch import nn
 from samsr.data.train_dataset import EvalDataset
 from samsr.engine.checkpoint import load_model_weights
 from samsr.inference import CascadeConfig, Refiner
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,16 @@ def build_train_dataset(
     return instantiate(data_cfg.train, extra_loader=loader)
 
 
+def _settings(cls: type[T], node: DictConfig, where: str) -> T:
+    """A settings dataclass from a config node; bad or unknown keys -> ConfigError naming it."""
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid {where}: {err}") from err
+
+
 def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
     """What the cached maps must have been made with: this model's SAM type and AMG settings.
 
@@ -72,12 +84,7 @@ def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
     from samsr.models.sam import AmgConfig
 
     sam_cfg = model_cfg.sam
-    amg = OmegaConf.to_container(sam_cfg.amg, resolve=True)
-    assert isinstance(amg, dict)
-    try:
-        amg_values = dataclasses.asdict(AmgConfig(**amg))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"invalid model.sam.amg: {err}") from err
+    amg_values = dataclasses.asdict(_settings(AmgConfig, sam_cfg.amg, "model.sam.amg"))
     amg_values = json.loads(json.dumps(amg_values))  # tuples -> lists, as in the manifest
     amg_values.pop("points_per_batch", None)  # batching does not change the masks
     return {"sam_type": "tiny" if sam_cfg.get("tiny") else str(sam_cfg.type), "amg": amg_values}
@@ -91,12 +98,7 @@ def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.dev
     from samsr.inference.sam_refiner import SamGuidedRefiner
     from samsr.models.sam import AmgConfig, SamRunner, build_sam, build_tiny_sam
 
-    amg_values = OmegaConf.to_container(sam_cfg.amg, resolve=True)
-    assert isinstance(amg_values, dict)
-    try:
-        amg = AmgConfig(**amg_values)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"invalid model.sam.amg: {err}") from err
+    amg = _settings(AmgConfig, sam_cfg.amg, "model.sam.amg")
     if sam_cfg.get("tiny"):
         sam = build_tiny_sam(seed=int(sam_cfg.get("seed", 0))).to(device)
     else:
@@ -105,12 +107,7 @@ def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.dev
     if model_cfg.get("v1"):
         from samsr.inference.sam_v1 import V1Config
 
-        values = OmegaConf.to_container(model_cfg.v1, resolve=True)
-        assert isinstance(values, dict)
-        try:
-            v1 = V1Config(**values)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"invalid model.v1: {err}") from err
+        v1 = _settings(V1Config, model_cfg.v1, "model.v1")
     return SamGuidedRefiner(refiner, SamRunner(sam), str(model_cfg.name), amg, v1)
 
 
