@@ -60,3 +60,24 @@ def test_v2_1_trains_from_crm_weights_on_precomputed_maps(tiny_cfg, tmp_path):
     assert (cache / "manifest.json").is_file()
     for m in res["test"].values():  # evaluated with SAM on the fly
         assert m["num_images"] == 2 and m["sam_ms"] > 0
+
+
+def test_v2_2_evaluates_with_point_prompts_and_refuses_training(tiny_cfg, tmp_path):
+    import torch
+
+    from samsr.engine.builders import ConfigError, build_model
+    from samsr.engine.checkpoint import CKPT_FORMAT
+
+    cfg = tiny_cfg("eval", ["model=samsr_v2_2", *SAM_TINY, f"paths.output_dir={tmp_path}/e"])
+    model = build_model(cfg.model)
+    assert model.in_channels == 6
+    ckpt = tmp_path / "v22.pt"
+    torch.save(
+        {"format": CKPT_FORMAT, "model_name": "samsr_v2_2", "model": model.state_dict()}, ckpt
+    )
+    results = run_eval(tiny_cfg("eval", ["model=samsr_v2_2", *SAM_TINY, f"ckpt_path={ckpt}",
+                                         f"paths.output_dir={tmp_path}/e"]))  # fmt: skip
+    for m in results.values():
+        assert m["num_images"] == 2 and m["sam_ms"] > 0 and m["refine_ms"] > 0
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        run_train(tiny_cfg("train", ["model=samsr_v2_2", *SAM_TINY]))

@@ -108,7 +108,13 @@ def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.dev
         from samsr.inference.sam_v1 import V1Config
 
         v1 = _settings(V1Config, model_cfg.v1, "model.v1")
-    return SamGuidedRefiner(refiner, SamRunner(sam), str(model_cfg.name), amg, v1)
+    prompts = None
+    if model_cfg.get("prompts"):
+        from samsr.inference.sam_prompts import PromptConfig
+
+        prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
+    name = str(model_cfg.name)
+    return SamGuidedRefiner(refiner, SamRunner(sam), name, amg, v1, prompts)
 
 
 def build_eval_datasets(

@@ -7,7 +7,9 @@ Per image, SAM's image encoder and automatic mask generation (AMG) run once
   CRM's input, unless a gate says SAM would not help (:mod:`samsr.inference.sam_v1`);
 * **v2.1**: the masks are painted into the area-sorted, randomly coloured RGB map
   (:func:`samsr.data.sam_maps.paint_sam_map`, seeded by the image name) that the 7-channel CRM takes
-  as extra input.
+  as extra input;
+* **v2.2**: no AMG; sets of three grid points inside the coarse mask prompt SAM, and the
+  confidence-weighted merge of its masks is 2 extra channels (:mod:`samsr.inference.sam_prompts`).
 
 SAM and refiner costs are timed apart (``last_times``; :meth:`report` gives their means), because
 the thesis reports them apart. With ``AmgConfig.max_side`` SAM sees a downscaled image: the
@@ -28,7 +30,7 @@ from samsr.inference.refiner import Refiner
 
 __all__ = ["SamGuidedRefiner"]
 
-VARIANTS = ("samsr_v1", "samsr_v2_1")
+VARIANTS = ("samsr_v1", "samsr_v2_1", "samsr_v2_2")
 
 
 def _resize_nearest(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -46,12 +48,19 @@ class SamGuidedRefiner:
         variant: ``samsr_v1`` or ``samsr_v2_1``.
         amg: ``samsr.models.sam.AmgConfig``.
         v1: ``samsr.inference.sam_v1.V1Config`` (v1 only).
+        prompts: ``samsr.inference.sam_prompts.PromptConfig`` (v2.2 only).
     """
 
     takes_name = True  # the evaluator passes each image's name (v2.1 seeds its colours with it)
 
     def __init__(
-        self, refiner: Refiner, runner: Any, variant: str, amg: Any, v1: Any | None = None
+        self,
+        refiner: Refiner,
+        runner: Any,
+        variant: str,
+        amg: Any,
+        v1: Any | None = None,
+        prompts: Any | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
@@ -64,6 +73,11 @@ class SamGuidedRefiner:
         self.variant = variant
         self.amg = amg
         self.v1 = v1
+        if variant == "samsr_v2_2" and prompts is None:
+            from samsr.inference.sam_prompts import PromptConfig
+
+            prompts = PromptConfig()
+        self.prompts = prompts
         self.last_times: dict[str, float] = {}
         self._times: dict[str, list[float]] = {"sam_s": [], "refine_s": []}
         self._stats: Any = None
@@ -90,9 +104,17 @@ class SamGuidedRefiner:
         hw = coarse.shape[:2]
         t0 = self._tick()
         self.runner.set_image(image, key=name or None, max_side=self.amg.max_side)
+        extra = None
+        if self.variant == "samsr_v2_2":  # point prompts, no AMG
+            from samsr.data.sam_maps import map_seed
+            from samsr.inference.sam_prompts import sam_prompt_maps
+
+            extra, _ = sam_prompt_maps(
+                self.runner.predict_points, coarse, self.prompts, map_seed(name)
+            )
+            return self._refine(image, coarse, extra, t0)
         anns = self.runner.generate(self.amg)
         sam_hw = self._sam_size(anns, hw)
-        extra = None
         if self.variant == "samsr_v1":
             from samsr.inference.sam_v1 import guided_coarse
 
@@ -105,6 +127,12 @@ class SamGuidedRefiner:
             from samsr.data.sam_maps import map_seed, paint_sam_map
 
             extra = _resize_nearest(paint_sam_map(anns, sam_hw, map_seed(name)), hw)
+        return self._refine(image, coarse, extra, t0)
+
+    def _refine(
+        self, image: np.ndarray, coarse: np.ndarray, extra: np.ndarray | None, t0: float
+    ) -> np.ndarray:
+        """Runs the CRM after SAM (started at ``t0``) and records both stages' times."""
         t1 = self._tick()
         out = self.refiner(image, coarse, extra=extra)
         t2 = self._tick()
