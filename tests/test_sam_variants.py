@@ -62,22 +62,23 @@ def test_v2_1_trains_from_crm_weights_on_precomputed_maps(tiny_cfg, tmp_path):
         assert m["num_images"] == 2 and m["sam_ms"] > 0
 
 
-def test_v2_2_evaluates_with_point_prompts_and_refuses_training(tiny_cfg, tmp_path):
-    import torch
-
-    from samsr.engine.builders import ConfigError, build_model
-    from samsr.engine.checkpoint import CKPT_FORMAT
-
-    cfg = tiny_cfg("eval", ["model=samsr_v2_2", *SAM_TINY, f"paths.output_dir={tmp_path}/e"])
-    model = build_model(cfg.model)
-    assert model.in_channels == 6
-    ckpt = tmp_path / "v22.pt"
-    torch.save(
-        {"format": CKPT_FORMAT, "model_name": "samsr_v2_2", "model": model.state_dict()}, ckpt
-    )
-    results = run_eval(tiny_cfg("eval", ["model=samsr_v2_2", *SAM_TINY, f"ckpt_path={ckpt}",
-                                         f"paths.output_dir={tmp_path}/e"]))  # fmt: skip
-    for m in results.values():
+def test_v2_2_trains_with_per_sample_prompts_and_evaluates(tiny_cfg, tmp_path):
+    ckpt = _train_crm(tiny_cfg)
+    overrides = ["model=samsr_v2_2", *SAM_TINY, f"model.init_weights={ckpt}"]
+    res = run_train(tiny_cfg("train", [*overrides, "trainer.max_steps=2", "trainer.val_every=0"]))
+    for m in res["test"].values():  # evaluated with SAM's point prompts on the fly
         assert m["num_images"] == 2 and m["sam_ms"] > 0 and m["refine_ms"] > 0
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        run_train(tiny_cfg("train", ["model=samsr_v2_2", *SAM_TINY]))
+
+
+def test_v2_2_samples_carry_prompt_maps(tiny_cfg):
+    from samsr.engine.builders import build_train_dataset, prepare_data
+
+    cfg = tiny_cfg("train", ["model=samsr_v2_2", *SAM_TINY])
+    prepare_data(cfg.data)
+    data = build_train_dataset(cfg.data, cfg.model)
+    sample = data[0]
+    extra = sample["extra"]
+    assert extra.shape == (2, *sample["image"].shape[1:])
+    assert float(extra.min()) >= 0 and float(extra.max()) <= 1
+    again = data[0]["extra"]
+    assert bool((again == extra).all())  # same sample, same prompts

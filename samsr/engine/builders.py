@@ -57,6 +57,14 @@ def build_train_dataset(
             "train with data=train_merged, data=duts_sample or data=synthetic."
         )
     maps = model_cfg.get("sam_maps") if model_cfg is not None else None
+    if model_cfg is not None and model_cfg.get("prompts"):  # SAM-SR v2.2: SAM per sample
+        from samsr.data.sam_prompted import SamPromptedDataset
+        from samsr.inference.sam_prompts import PromptConfig
+
+        sam_cfg = OmegaConf.to_container(model_cfg.sam, resolve=True)
+        assert isinstance(sam_cfg, dict)
+        prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
+        return SamPromptedDataset(instantiate(data_cfg.train), sam_cfg, prompts)
     if not maps:
         return instantiate(data_cfg.train)
     from samsr.data.sam_maps import SamMapLoader

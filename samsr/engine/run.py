@@ -95,11 +95,6 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         ``{"run_dir": Path, "checkpoint": Path, "test": results or None}``.
     """
-    if cfg.model.get("prompts"):
-        raise ConfigError(
-            f"training {cfg.model.name} (per-sample SAM point prompts) is not implemented yet; "
-            "its inference path is (scripts/eval.py model=samsr_v2_2 ckpt_path=...)."
-        )
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.paths.output_dir)
