@@ -140,3 +140,14 @@ def test_crm_weights_initialise_a_wider_input_model(tmp_path):
         expected = crm(image, coarse)["logits"]
         got = wide(image, coarse, extra)["logits"]
     torch.testing.assert_close(got, expected)
+
+
+def test_v1_accepts_crm_and_its_own_checkpoints(tmp_path):
+    from samsr.engine.checkpoint import CKPT_FORMAT, model_state_from_file
+
+    for saved in ("crm", "samsr_v1", "samsr_v2_1"):
+        torch.save({"format": CKPT_FORMAT, "model_name": saved, "model": {}}, tmp_path / saved)
+    for saved in ("crm", "samsr_v1"):
+        assert model_state_from_file(tmp_path / saved, "samsr_v1", also=("crm",)) == {}
+    with pytest.raises(CheckpointError, match="holds a 'samsr_v2_1' model"):
+        model_state_from_file(tmp_path / "samsr_v2_1", "samsr_v1", also=("crm",))

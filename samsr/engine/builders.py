@@ -30,9 +30,9 @@ def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = 
     """
     model = instantiate(model_cfg.net)
     if weights:
-        # SAM-SR v1 runs an unchanged CRM: its weights are checked against ``weights_name``
-        name = model_cfg.get("weights_name") or model_cfg.get("name")
-        load_model_weights(model, weights, model_name=name, init=init)
+        # SAM-SR v1 runs an unchanged CRM: checkpoints of ``weights_name`` fit too
+        also = (str(model_cfg.weights_name),) if model_cfg.get("weights_name") else ()
+        load_model_weights(model, weights, model_name=model_cfg.get("name"), init=init, also=also)
     return model
 
 

@@ -112,7 +112,10 @@ INPUT_CONV_KEY = "encoder.conv1.weight"  # CRM's first conv: its input channels 
 
 
 def model_state_from_file(
-    path: str | Path, model_name: str | None = None, init: bool = False
+    path: str | Path,
+    model_name: str | None = None,
+    init: bool = False,
+    also: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Return a state dict for ``model`` from a samsr or an official CRM checkpoint.
 
@@ -122,11 +125,13 @@ def model_state_from_file(
             a samsr checkpoint of another variant is refused with a clear message.
         init: initialising a new model for training: a checkpoint of another variant is
             accepted (e.g. CRM weights for SAM-SR v2.1).
+        also: other model names whose checkpoints fit (SAM-SR v1 runs CRM checkpoints).
     """
     ckpt = load_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
         saved = ckpt.get("model_name")
-        if not init and model_name is not None and saved is not None and saved != model_name:
+        accepted = (model_name, *also)
+        if not init and model_name is not None and saved is not None and saved not in accepted:
             raise CheckpointError(
                 f"{path} holds a '{saved}' model but the config builds '{model_name}': "
                 f"pass model={saved} or another checkpoint."
@@ -168,7 +173,11 @@ def expand_input_channels(state: dict[str, Any], target: dict[str, Any]) -> int:
 
 
 def load_model_weights(
-    model: nn.Module, path: str | Path, model_name: str | None = None, init: bool = False
+    model: nn.Module,
+    path: str | Path,
+    model_name: str | None = None,
+    init: bool = False,
+    also: tuple[str, ...] = (),
 ) -> None:
     """Load weights into ``model`` (strict) from a samsr or official CRM checkpoint.
 
@@ -176,7 +185,7 @@ def load_model_weights(
     a model with more input channels gets the extra input weights zero-filled
     (:func:`expand_input_channels`).
     """
-    state = dict(model_state_from_file(path, model_name, init=init))
+    state = dict(model_state_from_file(path, model_name, init=init, also=also))
     if init:
         expand_input_channels(state, model.state_dict())
     try:
