@@ -24,6 +24,25 @@ TINY = [
     "eval.warmup=0",
 ]
 
+# SAM-SR v3 (model=samsr_v3_*) has no ResNet: the backbone override becomes a tiny random SAM.
+TINY_V3 = [
+    "model.net.sam.tiny=true",
+    "model.net.sam.tiny_img_size=64",
+    "model.net.local_width=16",
+    "model.net.token_channels=16",
+    "model.net.heads=4",
+    "model.net.window=2",
+]
+
+
+def tiny_overrides(name: str, extra: list[str]) -> list[str]:
+    """TINY for config ``name`` (train keeps the trainer keys) and the model chosen in ``extra``."""
+    tiny = [o for o in TINY if name == "train" or not o.startswith("trainer.")]
+    if any(o.startswith("model=samsr_v3") for o in extra):
+        tiny = [o for o in tiny if not o.startswith("model.net.backbone=")] + TINY_V3
+    return tiny
+
+
 # A tiny synthetic set: 4 training images, 1 val and 2 test images of ~100 px, 2 coarse sources.
 TINY_SYNTHETIC = [
     "data.prepare.num_train=4",
@@ -50,7 +69,7 @@ def tiny_cfg(tmp_path):
     """Factory: ``tiny_cfg("train", [...])`` -> composed config with TINY + tiny synthetic data."""
 
     def make(name: str, extra: list[str] | None = None) -> DictConfig:
-        tiny = [o for o in TINY if name == "train" or not o.startswith("trainer.")]
+        tiny = tiny_overrides(name, extra or [])
         return compose_config(name, tiny + TINY_SYNTHETIC + (extra or []), tmp_path)
 
     return make

@@ -1,4 +1,4 @@
-"""SAM-SR v1 and v2.1 end to end through the real configs, with a tiny random SAM (CPU)."""
+"""SAM-SR v1, v2.x and v3.x end to end through the real configs, with a tiny random SAM (CPU)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import pytest
 
 from samsr.data.io import DataError
+from samsr.engine.checkpoint import CheckpointError, load_checkpoint
 from samsr.engine.run import run_eval, run_train
 
 # a tiny SAM whose (random) predictions pass AMG's filters, so that masks come out
@@ -82,3 +83,24 @@ def test_v2_2_samples_carry_prompt_maps(tiny_cfg):
     assert float(extra.min()) >= 0 and float(extra.max()) <= 1
     again = data[0]["extra"]
     assert bool((again == extra).all())  # same sample, same prompts
+
+
+@pytest.mark.parametrize("variant", ["samsr_v3_1", "samsr_v3_2", "samsr_v3_3", "samsr_v3_4"])
+def test_v3_trains_and_evaluates_from_one_command(tiny_cfg, tmp_path, variant):
+    # train.py's one command: a few steps, then the test set through the cascade (tiled preset)
+    cfg = tiny_cfg(
+        "train",
+        [f"model={variant}", "trainer.max_steps=2", "trainer.val_every=0", "inference=fast"],
+    )
+    res = run_train(cfg)
+    ckpt = load_checkpoint(res["checkpoint"])
+    assert ckpt["model_name"] == variant
+    assert not any(k.startswith("sam_encoder.") for k in ckpt["model"])  # SAM is not saved
+    for m in res["test"].values():
+        assert m["num_images"] == 2 and 0 <= m["iou"] <= 100
+        assert m["sam_ms"] > 0 and m["refine_ms"] > 0
+    # the checkpoint evaluates on its own; another variant's config refuses it
+    other = "samsr_v3_2" if variant != "samsr_v3_2" else "samsr_v3_3"
+    bad = tiny_cfg("eval", [f"model={other}", f"ckpt_path={res['checkpoint']}"])
+    with pytest.raises(CheckpointError, match=variant):
+        run_eval(bad)

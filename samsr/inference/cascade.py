@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from samsr.device import synchronize
 from samsr.inference.regions import bbox_region, contour_region, decode_region, strided_fill
 from samsr.inference.tiling import plan_tiles, scaled_window
 from samsr.models.components.implicit_decoder import coord_seq
+from samsr.models.components.sam_frame import Frame
 from samsr.models.crm import CRM
 
 __all__ = [
@@ -195,6 +197,7 @@ def encode_at_scale(
     size: tuple[int, int],
     fusion_patch: int = 0,
     channels_last: bool = False,
+    guide: Any = None,
 ) -> Tensor:
     """Resizes the normalised inputs to ``size`` and encodes them.
 
@@ -205,6 +208,7 @@ def encode_at_scale(
         size: (h, w) at this scale.
         fusion_patch: > 0 runs the fusion in patches of that many rows (same output).
         channels_last: run the network on a channels-last input.
+        guide: SAM context of this scale for SAM-guided models (SAM-SR v3), else None.
 
     Returns:
         1 x 256 x ceil(h/2) x ceil(w/2) features.
@@ -213,7 +217,12 @@ def encode_at_scale(
     mask_s = _resize(mask, size)
     x = _network_input(static_s, mask_s, channels_last)
     del static_s, mask_s
-    return model.encode_normalized(x, fusion_patch=fusion_patch)
+    return model.encode_normalized(x, fusion_patch=fusion_patch, **_guide_kwargs(guide))
+
+
+def _guide_kwargs(guide: Any) -> dict[str, Any]:
+    """``guide=`` only for SAM-guided models (plain CRM encoders take no guide)."""
+    return {} if guide is None else {"guide": guide}
 
 
 def decode_full(
@@ -337,8 +346,10 @@ def refine(
         extra: optional 1 x E x H x W extra input channels (SAM-SR variants), kept fixed;
             float, or uint8 (divided by 255, like training's maps).
         timings: if given, ``"encode"`` and ``"decode"`` seconds are added to it (with device
-            synchronisation, which costs a little), and counters: ``"decoded_px"`` (queries
-            decoded over all scales), ``"tiles"`` / ``"tiles_skipped"`` (tiled mode).
+            synchronisation, which costs a little), ``"sam"`` for SAM-guided models (SAM-SR v3:
+            SAM's encoder runs once per image, before the scales), and counters:
+            ``"decoded_px"`` (queries decoded over all scales), ``"tiles"`` /
+            ``"tiles_skipped"`` (tiled mode).
 
     Returns:
         1 x 1 x H x W probability of the last scale (all zeros for an empty input mask).
@@ -464,6 +475,11 @@ def _refine(
         if timings is not None:
             timings[key] = timings.get(key, 0.0) + value
 
+    embedding = None
+    if getattr(model, "guided", False) and not is_empty_mask(mask):
+        t0 = tick()
+        embedding = model.embed_image(image)  # SAM-SR v3: SAM's encoder once per image
+        add("sam", tick() - t0)
     for i, scale in enumerate(cfg.scales):
         if i > 0:
             mask = (prob - 0.5) * 2  # ref: seg = (pred - 0.5) * 2
@@ -474,13 +490,21 @@ def _refine(
         if cfg.region != "full" and cfg.region_source == "current":
             region = _region(cfg, prob[0, 0] >= 0.5 if i > 0 else mask[0, 0] >= 0)
         size = scaled_size(hp, wp, scale)
+        t0 = tick()
+        guide = None
+        if embedding is not None:  # the current mask enters SAM's tokens at every scale
+            unpadded = mask[..., cfg.pad : cfg.pad + h, cfg.pad : cfg.pad + w]
+            guide = model.guide(embedding, unpadded, Frame.cascade(h, w, cfg.pad, size))
+        add("encode", tick() - t0)
         if cfg.tile > 0:
-            n = _refine_tiles(model, static, mask, prob, region, size, cfg, add, tick)
+            n = _refine_tiles(model, static, mask, prob, region, size, cfg, add, tick, guide)
             del mask
             add("decoded_px", n)
             continue
         t0 = tick()
-        feat = encode_at_scale(model, static, mask, size, cfg.fusion_patch, cfg.channels_last)
+        feat = encode_at_scale(
+            model, static, mask, size, cfg.fusion_patch, cfg.channels_last, guide
+        )
         del mask
         t1 = tick()
         if sparse:
@@ -508,6 +532,7 @@ def _refine_tiles(
     cfg: CascadeConfig,
     add: Callable[[str, float], None],
     tick: Callable[[], float],
+    guide: Any = None,
 ) -> int:
     """One scale in tiles: encode each tile's window, decode its core into ``prob``."""
     hp, wp = prob.shape[-2:]
@@ -524,7 +549,9 @@ def _refine_tiles(
             scaled_window(mask, size, tile.x),
             cfg.channels_last,
         )
-        feat, (fy, fx) = model.encode_window(x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch)
+        feat, (fy, fx) = model.encode_window(
+            x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch, **_guide_kwargs(guide)
+        )
         del x
         t1 = tick()
         full_h, full_w = model.encoder.level_sizes(*size)[0]

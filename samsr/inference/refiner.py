@@ -71,8 +71,25 @@ class Refiner:
         self.amp_dtype = parse_dtype(amp_dtype)
         if self.cascade.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # set to a dict to accumulate encode/decode seconds and decoded-pixel counts (see refine)
-        self.timings: dict[str, float] | None = None
+        # set to a dict to accumulate encode/decode seconds and decoded-pixel counts (see refine);
+        # on by default for SAM-guided models (SAM-SR v3), whose SAM time is reported apart
+        self.timings: dict[str, float] | None = {} if getattr(model, "guided", False) else None
+        self.calls = 0
+
+    def report(self) -> dict[str, float]:
+        """Mean ``sam_ms`` / ``refine_ms`` per image since :meth:`reset` (SAM-guided models;
+        empty otherwise or when ``timings`` is off)."""
+        t = self.timings
+        if not t or "sam" not in t or self.calls == 0:
+            return {}
+        refine_s = t.get("encode", 0.0) + t.get("decode", 0.0)
+        return {"sam_ms": 1000 * t["sam"] / self.calls, "refine_ms": 1000 * refine_s / self.calls}
+
+    def reset(self) -> None:
+        """Clears the accumulated timings (e.g. between coarse sources)."""
+        if self.timings is not None:
+            self.timings.clear()
+        self.calls = 0
 
     def refine_tensor(
         self, image_t: Tensor, coarse_t: Tensor, extra: Tensor | None = None
@@ -92,6 +109,7 @@ class Refiner:
         coarse_t = coarse_t.to(self.device, torch.float32)
         if extra is not None:
             extra = extra.to(self.device)
+        self.calls += 1
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             return refine(self.model, image_t, coarse_t, self.cascade, extra, self.timings)
 
@@ -149,6 +167,7 @@ class Refiner:
                 )
             extra_t = torch.from_numpy(np.ascontiguousarray(extra)).to(self.device)
             extra_t = extra_t.permute(2, 0, 1).unsqueeze(0)
+        self.calls += 1
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             prob = refine(self.model, image_t, coarse_t, self.cascade, extra_t, self.timings)
         # ref tensor_to_gray_im: (prob * 255).astype('uint8'), truncation
