@@ -195,7 +195,8 @@ def resolve_model(args: argparse.Namespace) -> tuple[dict[str, Any], str | None,
     else:
         model = _container(compose_eval(backbone).model)
     del ckpt
-    model["net"]["pretrained"] = None  # the checkpoint holds every weight
+    if "pretrained" in model["net"]:  # CRM-style encoders: the checkpoint holds every weight
+        model["net"]["pretrained"] = None
     return model, str(path), info
 
 

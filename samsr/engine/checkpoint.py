@@ -109,6 +109,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 INPUT_CONV_KEY = "encoder.conv1.weight"  # CRM's first conv: its input channels grow in SAM-SR v2
+EXTRA_STATE_KEY = "_extra_state"  # nn.Module extra state (SAM-SR v3: variant and SAM type)
 
 
 def model_state_from_file(
@@ -187,10 +188,13 @@ def load_model_weights(
     """
     state = dict(model_state_from_file(path, model_name, init=init, also=also))
     if init:
-        expand_input_channels(state, model.state_dict())
+        target = model.state_dict()
+        expand_input_channels(state, target)
+        for key in [k for k in target if k.endswith(EXTRA_STATE_KEY)]:
+            state[key] = target[key]  # another variant's identity (SAM-SR v3) is accepted here
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise CheckpointError(
             f"weights in {path} do not fit the configured model ({model_name}): {err}\n"
             "Check model.net.backbone / model variant against the run that wrote the checkpoint."
