@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from samsr.data.io import DataError, atomic_write_bytes, read_image
+from samsr.rle import decode_rle_window, is_uncompressed_rle, rle_counts, rle_size
 
 __all__ = [
     "FORMAT_VERSION",
@@ -96,10 +97,13 @@ def _segmentation(ann: Mapping[str, Any]) -> Any:
 
 
 def _rle_counts(seg: Any) -> np.ndarray | None:
-    """The counts of an uncompressed RLE dict, or None for other segmentations."""
-    if isinstance(seg, Mapping) and isinstance(seg.get("counts"), (list, tuple, np.ndarray)):
-        return np.asarray(seg["counts"], dtype=np.int64)
-    return None
+    """The checked run lengths of an uncompressed RLE dict, or None for other segmentations."""
+    if not is_uncompressed_rle(seg):
+        return None
+    try:
+        return rle_counts(seg, *rle_size(seg))
+    except ValueError as exc:
+        raise DataError(f"bad SAM annotation: {exc}") from exc
 
 
 def _mask_size(seg: Any) -> tuple[int, int]:
@@ -124,10 +128,7 @@ def decode_annotation(ann: Mapping[str, Any]) -> np.ndarray:
     counts = _rle_counts(seg)
     if counts is not None:
         height, width = _mask_size(seg)
-        if int(counts.sum()) != height * width:
-            raise DataError(f"RLE counts sum to {counts.sum()}, not {height}x{width}.")
-        values = np.arange(len(counts)) % 2 == 1
-        return np.repeat(values, counts).reshape(width, height).T
+        return decode_rle_window(counts, height, 0, height, 0, width)
     if isinstance(seg, Mapping):  # COCO RLE with compressed string counts
         try:
             from pycocotools import mask as mask_utils  # type: ignore[import-not-found]

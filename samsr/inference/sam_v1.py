@@ -28,6 +28,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from samsr.rle import decode_rle, decode_rle_window, rle_box, rle_counts, rle_size
+
 __all__ = [
     "REASONS",
     "SegmentationDecoder",
@@ -238,20 +240,6 @@ def deformation(union: np.ndarray, coarse: np.ndarray) -> float:
     return 1.0 - float(np.count_nonzero(union & coarse) / union_area)
 
 
-def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decodes an uncompressed RLE like ``segment_anything.utils.amg.rle_to_mask``.
-
-    Args:
-        rle: ``{"size": [h, w], "counts": [...]}``; counts are run lengths over the mask
-            flattened in column-major (Fortran) order, alternating and starting with zeros.
-
-    Returns:
-        h x w bool (a transposed view of a column-major buffer).
-    """
-    h, w = _rle_size(rle)
-    return _decode_rle_window(_rle_counts(rle, h, w), h, 0, h, 0, w)
-
-
 def decode_segmentation(segmentation: Any) -> np.ndarray:
     """The default decoder: an array is used as is, an uncompressed RLE dict is decoded.
 
@@ -392,10 +380,10 @@ def _mask_in_window(
 
     if decode is None and isinstance(seg, Mapping) and "counts" in seg:
         # The tight box comes from the runs themselves: only those columns are decoded.
-        _check_size(_rle_size(seg), shape, index)
-        counts = _rle_counts(seg, h, w)
-        y0, y1, x0, x1 = _rle_box(counts, h)
-        mask = np.ascontiguousarray(_decode_rle_window(counts, h, y0, y1, x0, x1))
+        _check_size(rle_size(seg), shape, index)
+        counts = rle_counts(seg, h, w)
+        y0, y1, x0, x1 = rle_box(counts, h)
+        mask = np.ascontiguousarray(decode_rle_window(counts, h, y0, y1, x0, x1))
         return (slice(y0, y1), slice(x0, x1)), mask
 
     mask = decode_segmentation(seg) if decode is None else np.asarray(decode(seg))
@@ -431,54 +419,6 @@ def _bbox_window(bbox: Any, h: int, w: int) -> tuple[int, int, int, int] | None:
     if x1 <= x0 or y1 <= y0:
         return None
     return y0, y1, x0, x1
-
-
-def _rle_counts(rle: Mapping[str, Any], h: int, w: int) -> np.ndarray:
-    """An RLE's run lengths as int64, checked against its h x w size."""
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    if counts.ndim != 1 or (counts.size and counts.min() < 0) or counts.sum() != h * w:
-        raise ValueError(
-            f"RLE counts must be non-negative run lengths summing to h * w = {h * w}, "
-            f"got {counts.size} counts summing to {int(counts.sum())}"
-        )
-    return counts
-
-
-def _rle_box(counts: np.ndarray, h: int) -> tuple[int, int, int, int]:
-    """Tight (y0, y1, x0, x1), end-exclusive, of a column-major RLE's foreground; zeros if empty."""
-    ends = np.cumsum(counts)[1::2]  # foreground runs are the odd ones
-    starts = ends - counts[1::2]
-    nonempty = ends > starts
-    starts, last = starts[nonempty], ends[nonempty] - 1
-    if starts.size == 0:
-        return 0, 0, 0, 0
-    one_column = starts // h == last // h  # a run crossing columns covers rows h-1 and 0
-    y0 = int(np.where(one_column, starts % h, 0).min())
-    y1 = int(np.where(one_column, last % h + 1, h).max())
-    return y0, y1, int(starts[0] // h), int(last[-1] // h + 1)
-
-
-def _decode_rle_window(
-    counts: np.ndarray, h: int, y0: int, y1: int, x0: int, x1: int
-) -> np.ndarray:
-    """Rows y0:y1 of columns x0:x1 of a column-major RLE of height ``h``, as bool."""
-    ends = np.cumsum(counts)
-    lo, hi = x0 * h, x1 * h  # flat column-major range of columns x0:x1
-    lengths = np.clip(ends, lo, hi) - np.clip(ends - counts, lo, hi)
-    values = (np.arange(counts.size) % 2).astype(bool)  # runs alternate, zeros first
-    flat = np.repeat(values, lengths)
-    return flat.reshape(x1 - x0, h).T[y0:y1]
-
-
-def _rle_size(rle: Mapping[str, Any]) -> tuple[int, int]:
-    """(h, w) of an RLE dict, with a clear error when it is not uncompressed RLE."""
-    counts = rle.get("counts")
-    if isinstance(counts, str | bytes):
-        raise ValueError(_unsupported(rle))
-    size = rle.get("size")
-    if size is None or len(size) != 2:
-        raise ValueError(f"RLE 'size' must be [h, w], got {size!r}")
-    return int(size[0]), int(size[1])
 
 
 def _unsupported(segmentation: Any) -> str:

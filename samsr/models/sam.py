@@ -40,8 +40,9 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
-from segment_anything.utils.amg import area_from_rle, rle_to_mask
 from segment_anything.utils.transforms import ResizeLongestSide
+
+from samsr.rle import decode_rle, rle_area
 
 __all__ = [
     "SAM_CHECKPOINTS",
@@ -531,7 +532,7 @@ def decode_mask(ann: dict[str, Any]) -> np.ndarray:
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if isinstance(seg["counts"], str | bytes):  # coco_rle
             return _pycocotools_mask().decode(seg).astype(bool)
-        return rle_to_mask(seg)
+        return decode_rle(seg)
     raise ValueError(
         "Not a SAM mask: expected a record whose 'segmentation' is an H x W array or an RLE dict "
         f"with 'size' and 'counts', got {type(seg).__name__}."
@@ -544,5 +545,5 @@ def mask_area(ann: dict[str, Any]) -> int:
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if isinstance(seg["counts"], str | bytes):
             return int(_pycocotools_mask().area(seg))
-        return int(area_from_rle(seg))
+        return rle_area(seg)
     return int(np.count_nonzero(decode_mask(ann)))
