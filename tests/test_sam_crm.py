@@ -498,3 +498,30 @@ def test_single_scale_cascade_matches_training_forward(v34: SamCRM) -> None:
     with torch.no_grad():
         ref = torch.sigmoid(v34(image, coarse)["logits"])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("patch", [1, 3, 10])
+def test_patched_fuser_equals_whole_map(patch: int) -> None:
+    model = _randomize_bn(_build("window")).eval()
+    image, coarse = _inputs(1, 45, 61)
+    with torch.no_grad():
+        x = model.normalize_inputs(image, coarse)
+        guide = model.guide(model.embed_image(image), x[:, 3:4], Frame.identity(45, 61))
+        whole = model.encode_normalized(x, guide=guide)
+        patched = model.encode_normalized(x, fusion_patch=patch, guide=guide)
+        torch.testing.assert_close(patched, whole, atol=1e-5, rtol=0)
+        # a window of the input, patched, equals the same rows/cols of the whole map (interior)
+        win, (fy, fx) = model.encode_window(
+            x[..., 8:40, 16:56], (8, 16), (45, 61), fusion_patch=patch, guide=guide
+        )
+        assert (fy, fx) == (4, 8)
+        ref, _ = model.encode_window(x[..., 8:40, 16:56], (8, 16), (45, 61), guide=guide)
+        torch.testing.assert_close(win, ref, atol=1e-5, rtol=0)
+    # the cascade with patched fusion (tiled or not) gives the reference output
+    img8 = (image * 255).to(torch.uint8)
+    base = refine(model, img8, coarse, CascadeConfig(scales=(0.5, 1.0)))
+    for cfg in (
+        CascadeConfig(scales=(0.5, 1.0), fusion_patch=patch),
+        CascadeConfig(scales=(0.5, 1.0), fusion_patch=patch, tile=32, tile_halo=32),
+    ):
+        torch.testing.assert_close(refine(model, img8, coarse, cfg), base, atol=1e-5, rtol=0)

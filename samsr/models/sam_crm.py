@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from samsr.models.components.guided_encoder import GuidedFusion, LocalEncoder
-from samsr.models.components.implicit_decoder import ImplicitDecoder, query_grid
+from samsr.models.components.implicit_decoder import ImplicitDecoder
 from samsr.models.components.mask_injection import MaskInjection
 from samsr.models.components.sam_frame import (
     Frame,
@@ -139,23 +139,21 @@ class SamCRM(CRM):
     def encode_normalized(
         self, x: Tensor, fusion_patch: int = 0, guide: Guide | None = None
     ) -> Tensor:
-        """Encodes a normalised input (``fusion_patch`` is unused: tile for memory).
+        """Encodes a normalised input.
 
         Args:
             x: B x 4 x H x W from :meth:`normalize_inputs` (possibly resized).
+            fusion_patch: > 0 runs the fuser in patches of that many feature rows (same output:
+                the concatenated map and the first conv's output never exist at full size).
             guide: the SAM context of this input (:meth:`guide`).
 
         Returns:
             B x 256 x ceil(H/2) x ceil(W/2).
         """
         self._check_input(x)
-        guide = self._require(guide)
         local = self.encoder(x)
-        hf, wf = local.shape[-2:]
-        ctx = sample_tokens(
-            guide.tokens, guide.frame, self.img_size, self.patch, tuple(x.shape[-2:]), (hf, wf)
-        )
-        return self.fusion(local, ctx)
+        size = tuple(x.shape[-2:])
+        return self._fuse(local, self._require(guide), size, local.shape[-2:], (0, 0), fusion_patch)
 
     def encode_window(
         self,
@@ -177,17 +175,46 @@ class SamCRM(CRM):
             raise ValueError(f"window offsets must be even, got {offset}.")
         local = self.encoder(x)
         full = self.encoder.level_sizes(*full_size)[0]
-        fy, fx = oy // 2, ox // 2
-        window = (fy, fx, *local.shape[-2:])
-        ctx = sample_tokens(
-            guide.tokens, guide.frame, self.img_size, self.patch, full_size, full, window
-        )
-        return self.fusion(local, ctx), (fy, fx)
+        origin = (oy // 2, ox // 2)
+        return self._fuse(local, guide, full_size, full, origin, fusion_patch), origin
 
-    def forward(
-        self, image: Tensor, coarse: Tensor, extra: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        """Training forward: each input encoded by SAM on its own, every pixel queried.
+    def _fuse(
+        self,
+        local: Tensor,
+        guide: Guide,
+        input_size: tuple[int, int],
+        full: tuple[int, int],
+        origin: tuple[int, int],
+        fusion_patch: int,
+    ) -> Tensor:
+        """Fuses ``local`` (the window at ``origin`` of the ``full`` feature map) with the tokens
+        sampled at the same cells, in row patches (halo: the fuser's radius) if asked."""
+        rows, cols = local.shape[-2:]
+        fy, fx = origin
+
+        def fuse_rows(a: int, b: int) -> Tensor:
+            window = (fy + a, fx, b - a, cols)
+            ctx = sample_tokens(
+                guide.tokens, guide.frame, self.img_size, self.patch, input_size, full, window
+            )
+            return self.fusion(local[:, :, a:b], ctx)
+
+        if fusion_patch <= 0 or fusion_patch >= rows:
+            return fuse_rows(0, rows)
+        halo = self.fusion.halo
+        out: Tensor | None = None
+        for r0 in range(0, rows, fusion_patch):
+            r1 = min(r0 + fusion_patch, rows)
+            a, b = max(0, r0 - halo), min(rows, r1 + halo)
+            y = fuse_rows(a, b)
+            if out is None:
+                out = y.new_empty((y.shape[0], y.shape[1], rows, cols))
+            out[:, :, r0:r1] = y[:, :, r0 - a : r1 - a]
+        assert out is not None
+        return out
+
+    def encode(self, image: Tensor, coarse: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Training encoding (used by :meth:`CRM.forward`): each input is encoded by SAM itself.
 
         Args:
             image: B x 3 x H x W RGB in [0, 1].
@@ -195,16 +222,14 @@ class SamCRM(CRM):
             extra: must be None (v3 takes no extra channels).
 
         Returns:
-            ``{"logits": B x 1 x H x W}``.
+            B x 256 x ceil(H/2) x ceil(W/2).
         """
         if extra is not None:
             raise ValueError("SAM-SR v3 takes image + mask only (extra channels given).")
         x = self.normalize_inputs(image, coarse)
-        b, _, h, w = image.shape
+        h, w = image.shape[-2:]
         guide = self.guide(self.embed_image(image), x[:, 3:4], Frame.identity(h, w))
-        feat = self.encode_normalized(x, guide=guide)
-        coords, cell = query_grid(h, w, b, device=image.device)
-        return {"logits": self.decode(feat, coords, cell).view(b, 1, h, w)}
+        return self.encode_normalized(x, guide=guide)
 
     def _require(self, guide: Guide | None) -> Guide:
         if guide is None:

@@ -62,6 +62,7 @@ class GuidedFusion(nn.Module):
     ) -> None:
         super().__init__()
         self.out_channels = out_channels
+        self.halo = 2  # rows of context each output row needs (two 3x3 convs)
         self.net = nn.Sequential(
             _conv_bn_relu(local_channels + token_channels, out_channels),
             _conv_bn_relu(out_channels, out_channels),
