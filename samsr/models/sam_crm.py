@@ -261,9 +261,14 @@ class SamCRM(CRM):
                 "or a checkpoint of this variant."
             )
         if saved.get("sam_type") != self.sam_type:
+            fix = (
+                "model.net.sam.tiny=true"
+                if saved.get("sam_type") == "tiny"
+                else f"model.net.sam.tiny=false model.net.sam.type={saved.get('sam_type')}"
+            )
             raise ValueError(
                 f"these weights were trained on SAM {saved.get('sam_type')} tokens, the model "
-                f"uses SAM {self.sam_type}: set model.net.sam.type={saved.get('sam_type')}."
+                f"uses SAM {self.sam_type}: set {fix}."
             )
 
 
@@ -324,7 +329,13 @@ def build_sam_crm(
             f"local_width must be >= 2 and token_channels >= 1, got {local_width}, "
             f"{token_channels}."
         )
+    if injection == "window" and window < 1:
+        raise ValueError(f"model.net.window must be >= 1 token, got {window}.")
     encoder, sam_type, token_dim = _build_sam_encoder(dict(sam or {}))
+    if injection in ("global", "window") and (heads < 1 or token_dim % heads):
+        raise ValueError(
+            f"model.net.heads={heads} must divide SAM's {token_dim} token channels (e.g. 8)."
+        )
     local = LocalEncoder(in_channels=4, width=local_width)
     fusion = GuidedFusion(local.out_channels, token_channels, out_channels=256, dropout=dropout)
     decoder = ImplicitDecoder(
