@@ -104,3 +104,22 @@ def test_v3_trains_and_evaluates_from_one_command(tiny_cfg, tmp_path, variant):
     bad = tiny_cfg("eval", [f"model={other}", f"ckpt_path={res['checkpoint']}"])
     with pytest.raises(CheckpointError, match=variant):
         run_eval(bad)
+
+
+def test_v3_trains_on_cached_sam_embeddings_from_one_command(tiny_cfg, tmp_path):
+    cache = tmp_path / "emb"
+    overrides = [
+        "model=samsr_v3_3",
+        "model.train_tokens.source=cached",
+        f"model.train_tokens.cache_dir={cache}",
+        "trainer.max_steps=2",
+        "trainer.val_every=0",
+        "test_after_training=false",
+    ]
+    # without embeddings: a clear error naming the command that makes them
+    with pytest.raises(DataError, match="precompute_sam_embeddings"):
+        run_train(tiny_cfg("train", overrides))
+    res = run_train(tiny_cfg("train", [*overrides, "model.train_tokens.precompute=true"]))
+    assert load_checkpoint(res["checkpoint"])["step"] == 2
+    assert len(list(cache.rglob("*_emb.npy"))) == 4  # every training image, once
+    assert (cache / "manifest.json").is_file()

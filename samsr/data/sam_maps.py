@@ -46,6 +46,7 @@ from samsr.data.io import DataError, atomic_write_bytes, read_image
 from samsr.rle import decode_rle_window, is_uncompressed_rle, rle_counts, rle_size
 
 __all__ = [
+    "dataset_root_of",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MAP_SUFFIX",
@@ -440,6 +441,28 @@ def load_map(
     return sam_map
 
 
+def dataset_root_of(
+    roots: Sequence[Path], image_path: str | os.PathLike[str], who: str = "loader"
+) -> Path:
+    """The root among ``roots`` (absolute, deepest first) that holds ``image_path``.
+
+    Raises:
+        DataError: No root holds it (``who`` names the caller in the message).
+    """
+    image = _abs(image_path)
+    for root in roots:
+        if image.is_relative_to(root):
+            return root
+    resolved = image.resolve()
+    for root in roots:
+        if resolved.is_relative_to(root.resolve()):
+            return root
+    raise DataError(
+        f"image {image_path} is under none of the {who}'s dataset roots "
+        f"{[str(r) for r in roots]}; add its root to dataset_roots."
+    )
+
+
 class SamMapLoader:
     """Reads cached SAM maps; an ``extra_loader`` for ``RefinementTrainDataset``.
 
@@ -476,18 +499,7 @@ class SamMapLoader:
 
     def root_of(self, image_path: str | os.PathLike[str]) -> Path:
         """The dataset root holding ``image_path`` (the deepest one)."""
-        image = _abs(image_path)
-        for root in self.dataset_roots:
-            if image.is_relative_to(root):
-                return root
-        resolved = image.resolve()
-        for root in self.dataset_roots:
-            if resolved.is_relative_to(root.resolve()):
-                return root
-        raise DataError(
-            f"image {image_path} is under none of the SAM map loader's dataset roots "
-            f"{[str(r) for r in self.dataset_roots]}; add its root to dataset_roots."
-        )
+        return dataset_root_of(self.dataset_roots, image_path, "SAM map loader")
 
     def path_for(self, image_path: str | os.PathLike[str]) -> Path:
         """The cached map of ``image_path``."""

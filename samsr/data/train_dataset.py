@@ -24,6 +24,8 @@ __all__ = ["EvalDataset", "RefinementTrainDataset"]
 
 ExtraLoader = Callable[[Pair, tuple[int, int]], np.ndarray]
 """``(pair, (H, W)) -> H x W x C`` uint8 map aligned with the image (e.g. a cached SAM map)."""
+SideLoader = Callable[[Pair, CropFlip], dict[str, torch.Tensor]]
+"""``(pair, crop geometry) -> extra sample entries`` (e.g. SAM-SR v3's cached SAM tokens)."""
 
 
 class RefinementTrainDataset(Dataset):
@@ -55,6 +57,8 @@ class RefinementTrainDataset(Dataset):
         max_rounds: Maximum perturbation rounds of the coarse synthesis.
         extra_loader: Optional callable giving an aligned ``H x W x C`` uint8 map per pair; it is
             cropped/flipped like the image and returned as ``extra`` (``C x S x S`` in [0, 1]).
+        side_loader: Optional callable ``(pair, CropFlip) -> dict of tensors`` merged into the
+            sample (data that is not an image-aligned map, e.g. SAM-SR v3's cached SAM tokens).
 
     Raises:
         DataError: Missing roots, no pairs at all, duplicate root folder names.
@@ -72,6 +76,7 @@ class RefinementTrainDataset(Dataset):
         flip_prob: float = 0.5,
         max_rounds: int = 250,
         extra_loader: ExtraLoader | None = None,
+        side_loader: SideLoader | None = None,
     ) -> None:
         if isinstance(roots, (str, os.PathLike)):
             roots = [roots]
@@ -85,6 +90,7 @@ class RefinementTrainDataset(Dataset):
         self.flip_prob = flip_prob
         self.max_rounds = max_rounds
         self.extra_loader = extra_loader
+        self.side_loader = side_loader
         self.epoch = 0
         self.pairs: list[Pair] = []
         self.names: list[str] = []
@@ -150,6 +156,8 @@ class RefinementTrainDataset(Dataset):
             pair = self.pairs[index]
             extra = np.asarray(self.extra_loader(pair, (geometry.height, geometry.width)))
             sample["extra"] = self._extra_tensor(extra, pair, geometry)
+        if self.side_loader is not None:
+            sample.update(self.side_loader(self.pairs[index], geometry))
         return sample
 
     @staticmethod

@@ -56,6 +56,9 @@ def build_train_dataset(
             f"data={data_cfg.get('name')} has no training set (data.train is null); "
             "train with data=train_merged, data=duts_sample or data=synthetic."
         )
+    loader = _token_loader(data_cfg, model_cfg)
+    if loader is not None:  # SAM-SR v3, cached training scheme
+        return instantiate(data_cfg.train, side_loader=loader)
     maps = model_cfg.get("sam_maps") if model_cfg is not None else None
     if model_cfg is not None and model_cfg.get("prompts"):  # SAM-SR v2.2: SAM per sample
         from samsr.data.sam_prompted import SamPromptedDataset
@@ -72,6 +75,39 @@ def build_train_dataset(
     roots = [str(r) for r in data_cfg.train.roots]
     loader = SamMapLoader(str(maps.cache_dir), roots, expected_manifest=_sam_identity(model_cfg))
     return instantiate(data_cfg.train, extra_loader=loader)
+
+
+TOKEN_SOURCES = ("per_crop", "cached")
+
+
+def sam_geometry(sam_cfg: DictConfig) -> tuple[str, int, int]:
+    """(SAM type, encoder input side, patch) of a SAM-SR v3 ``model.net.sam`` config."""
+    if sam_cfg.get("tiny"):
+        return "tiny", int(sam_cfg.get("tiny_img_size", 64)), 16
+    return str(sam_cfg.type), 1024, 16
+
+
+def token_source(model_cfg: DictConfig | None) -> str:
+    """``model.train_tokens.source`` (``per_crop`` when absent), validated."""
+    tokens = model_cfg.get("train_tokens") if model_cfg is not None else None
+    source = str(tokens.get("source", "per_crop")) if tokens else "per_crop"
+    if source not in TOKEN_SOURCES:
+        raise ConfigError(
+            f"model.train_tokens.source must be one of {TOKEN_SOURCES}, got {source!r}."
+        )
+    return source
+
+
+def _token_loader(data_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
+    if token_source(model_cfg) != "cached":
+        return None
+    from samsr.data.sam_tokens import SamTokenLoader
+
+    assert model_cfg is not None
+    sam_type, img_size, patch = sam_geometry(model_cfg.net.sam)
+    roots = [str(r) for r in data_cfg.train.roots]
+    cache = str(model_cfg.train_tokens.cache_dir)
+    return SamTokenLoader(cache, roots, sam_type, img_size, patch)
 
 
 def _settings(cls: type[T], node: DictConfig, where: str) -> T:

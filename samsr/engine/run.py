@@ -24,6 +24,7 @@ from samsr.engine.builders import (
     build_train_dataset,
     prepare_data,
     to_container,
+    token_source,
 )
 from samsr.engine.evaluator import evaluate, format_results
 from samsr.engine.trainer import Trainer, TrainSettings
@@ -89,6 +90,25 @@ def _precompute_sam_maps(cfg: DictConfig, device: torch.device) -> None:
         )
 
 
+def _precompute_sam_embeddings(cfg: DictConfig, device: torch.device) -> None:
+    """``model.train_tokens`` cached + ``precompute=true``: embed the missing training images."""
+    tokens = cfg.model.get("train_tokens")
+    if token_source(cfg.model) != "cached" or not tokens.get("precompute"):
+        return
+    from samsr.data.io import DataError
+    from samsr.engine.precompute_embeddings import precompute_embeddings_for_model
+
+    sam_cfg = OmegaConf.to_container(cfg.model.net.sam, resolve=True)
+    assert isinstance(sam_cfg, dict)
+    roots = [str(r) for r in cfg.data.train.roots]
+    status = precompute_embeddings_for_model(sam_cfg, roots, str(tokens.cache_dir), str(device))
+    if status != 0:
+        raise DataError(
+            f"precomputing the SAM embeddings into {tokens.cache_dir} failed (exit {status}); "
+            "see the messages above, or run scripts/precompute_sam_embeddings.py yourself."
+        )
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) a refiner, then optionally evaluate it on ``data.test``.
 
@@ -108,6 +128,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     prepare_data(cfg.data)
     _precompute_sam_maps(cfg, device)
+    _precompute_sam_embeddings(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
     model = build_model(cfg.model, weights=cfg.model.get("init_weights"), init=True)
     settings = TrainSettings(**cfg.trainer)

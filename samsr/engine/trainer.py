@@ -166,14 +166,15 @@ class Trainer:
         image = batch["image"].to(self.device, non_blocking=True)
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
-        extra = batch.get("extra")
-        if extra is not None:
-            extra = extra.to(self.device, non_blocking=True)
+        args = [image, coarse]
+        if batch.get("extra") is not None:
+            args.append(batch["extra"].to(self.device, non_blocking=True))
+        kwargs = {}
+        if batch.get("sam_tokens") is not None:  # SAM-SR v3, cached training scheme
+            kwargs["sam_tokens"] = batch["sam_tokens"].to(self.device, non_blocking=True)
         self.model.train()
         with autocast(self.device, self.settings.amp_dtype):
-            out = (
-                self.model(image, coarse, extra) if extra is not None else self.model(image, coarse)
-            )
+            out = self.model(*args, **kwargs)
         losses = self.loss_fn(out["logits"].float(), gt)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total"]).backward()

@@ -201,11 +201,13 @@ class CRM(nn.Module):
         Returns:
             ``{"logits": B x 1 x H x W}``.
         """
-        feat = self.encode(image, coarse, extra)
-        b, _, h, w = image.shape
-        coords, cell = query_grid(h, w, b, device=image.device)
-        logits = self.decode(feat, coords, cell)
-        return {"logits": logits.view(b, 1, h, w)}
+        return {"logits": self.decode_grid(self.encode(image, coarse, extra), image.shape)}
+
+    def decode_grid(self, feat: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """Logits of every pixel of a B x C x H x W input ``shape`` (B x 1 x H x W)."""
+        b, _, h, w = shape
+        coords, cell = query_grid(h, w, b, device=feat.device)
+        return self.decode(feat, coords, cell).view(b, 1, h, w)
 
 
 def build_crm(

@@ -37,7 +37,7 @@ from samsr.models.components.sam_frame import (
 )
 from samsr.models.crm import CRM
 
-__all__ = ["VARIANTS", "Guide", "SamCRM", "build_sam_crm"]
+__all__ = ["VARIANTS", "Guide", "SamCRM", "build_sam_crm", "sam_embedding"]
 
 # mask injection -> variant name (thesis numbering)
 VARIANTS = {"none": "v3.1", "add": "v3.2", "global": "v3.3", "window": "v3.4"}
@@ -104,7 +104,7 @@ class SamCRM(CRM):
     # -- SAM context ---------------------------------------------------------------------------
 
     def embed_image(self, image: Tensor) -> Tensor:
-        """SAM's embedding of whole images (no gradients).
+        """SAM's embedding of whole images (no gradients): :func:`sam_embedding`.
 
         Args:
             image: B x 3 x H x W RGB, uint8 or float in [0, 1].
@@ -112,12 +112,7 @@ class SamCRM(CRM):
         Returns:
             B x token_dim x gh x gw: the valid token grid (:func:`valid_grid`).
         """
-        h, w = image.shape[-2:]
-        x = sam_preprocess(image, self.img_size)
-        with torch.no_grad():
-            emb = self.sam_encoder(x.to(self.token_proj.weight.dtype))
-        gh, gw = valid_grid(h, w, self.img_size, self.patch)
-        return emb[..., :gh, :gw]
+        return sam_embedding(self.sam_encoder, image, self.token_proj.weight.dtype)
 
     def guide(self, embedding: Tensor, mask: Tensor, frame: Frame) -> Guide:
         """Injects the mask into the embedding and projects it.
@@ -213,13 +208,22 @@ class SamCRM(CRM):
         assert out is not None
         return out
 
-    def encode(self, image: Tensor, coarse: Tensor, extra: Tensor | None = None) -> Tensor:
-        """Training encoding (used by :meth:`CRM.forward`): each input is encoded by SAM itself.
+    def encode(
+        self,
+        image: Tensor,
+        coarse: Tensor,
+        extra: Tensor | None = None,
+        sam_tokens: Tensor | None = None,
+    ) -> Tensor:
+        """Training encoding: SAM's tokens of each input, computed here or given.
 
         Args:
             image: B x 3 x H x W RGB in [0, 1].
             coarse: B x 1 x H x W mask in [0, 1].
             extra: must be None (v3 takes no extra channels).
+            sam_tokens: B x C x gh x gw tokens at the input's own valid grid (the ``cached``
+                training scheme: :class:`~samsr.data.sam_tokens.SamTokenLoader`); None runs SAM
+                on each input (the ``per_crop`` scheme).
 
         Returns:
             B x 256 x ceil(H/2) x ceil(W/2).
@@ -228,8 +232,29 @@ class SamCRM(CRM):
             raise ValueError("SAM-SR v3 takes image + mask only (extra channels given).")
         x = self.normalize_inputs(image, coarse)
         h, w = image.shape[-2:]
-        guide = self.guide(self.embed_image(image), x[:, 3:4], Frame.identity(h, w))
+        if sam_tokens is None:
+            embedding = self.embed_image(image)
+        else:
+            grid = valid_grid(h, w, self.img_size, self.patch)
+            if sam_tokens.dim() != 4 or tuple(sam_tokens.shape[-2:]) != grid:
+                raise ValueError(
+                    f"sam_tokens must be B x C x {grid[0]} x {grid[1]} for {h}x{w} inputs, got "
+                    f"{tuple(sam_tokens.shape)}."
+                )
+            embedding = sam_tokens.to(self.token_proj.weight.dtype)
+        guide = self.guide(embedding, x[:, 3:4], Frame.identity(h, w))
         return self.encode_normalized(x, guide=guide)
+
+    def forward(
+        self,
+        image: Tensor,
+        coarse: Tensor,
+        extra: Tensor | None = None,
+        sam_tokens: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Training forward (see :meth:`CRM.forward`); ``sam_tokens`` as in :meth:`encode`."""
+        feat = self.encode(image, coarse, extra, sam_tokens)
+        return {"logits": self.decode_grid(feat, image.shape)}
 
     def _require(self, guide: Guide | None) -> Guide:
         if guide is None:
@@ -270,6 +295,27 @@ class SamCRM(CRM):
                 f"these weights were trained on SAM {saved.get('sam_type')} tokens, the model "
                 f"uses SAM {self.sam_type}: set {fix}."
             )
+
+
+def sam_embedding(encoder: nn.Module, image: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """SAM's image embedding on the valid token grid, without gradients.
+
+    Args:
+        encoder: SAM's ``ImageEncoderViT`` (its ``img_size`` and patch size are read from it).
+        image: B x 3 x H x W RGB, uint8 or float in [0, 1].
+        dtype: the encoder input's dtype (default float32).
+
+    Returns:
+        B x C x gh x gw (C = 256 for the official models; :func:`valid_grid`).
+    """
+    img_size = int(encoder.img_size)
+    patch = int(encoder.patch_embed.proj.kernel_size[0])
+    h, w = image.shape[-2:]
+    x = sam_preprocess(image, img_size).to(dtype or torch.float32)
+    with torch.no_grad():
+        emb = encoder(x)
+    gh, gw = valid_grid(h, w, img_size, patch)
+    return emb[..., :gh, :gw]
 
 
 def _ignore_missing_sam(module: nn.Module, keys: Any) -> None:

@@ -1,0 +1,454 @@
+"""Precompute SAM image embeddings of whole training images (SAM-SR v3 training).
+
+``python scripts/precompute_sam_embeddings.py --images data/train/DUTS-TR data/train/fss
+--out data/sam_embeddings/vit_h --sam-type vit_h --sam-checkpoint checkpoints/sam_vit_h_4b8939.pth``
+
+SAM-SR v3 samples a training crop's tokens from the embedding of the whole image instead of
+running SAM on every crop. Each image's embedding is :func:`samsr.models.sam_crm.sam_embedding`
+(exactly what the model computes at inference: the valid token grid of the image resized to the
+encoder's input side), stored as float16.
+
+Cache layout (the training loader relies on it):
+
+* ``<out>/<name>_emb.npy``: a ``C x gh x gw`` float16 ``.npy`` array, where ``name`` is
+  :attr:`~samsr.engine.precompute.ImageItem.name` (``<root folder name>/<rel>/<stem>``, POSIX).
+  Written atomically (temp file in the same folder, then rename).
+* ``<out>/manifest.json``: ``{"format": "samsr-sam-embeddings", "version": 1, "sam_type": ...,
+  "img_size": ..., "patch": ..., "channels": ...}``. Written (or checked) before any embedding: a
+  run with another SAM into the same folder fails unless ``--overwrite``, which replaces the
+  manifest and recomputes every embedding of the run.
+
+An embedding already on disk (complete ``.npy``, float16, ``C`` channels) is skipped, so an
+interrupted run is resumed by running it again; a truncated or corrupt file is recomputed. A failing
+image is reported and the run goes on; the exit status is 1 if any failed (2: bad input).
+
+Several GPUs split the work with ``--shard I/N`` (every N-th image from the I-th)::
+
+    for k in 0 1 2 3; do
+        CUDA_VISIBLE_DEVICES=$k python scripts/precompute_sam_embeddings.py --shard $k/4 ... &
+    done; wait
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from samsr.data.io import DataError, atomic_write_bytes, read_image
+from samsr.data.layouts import LAYOUTS
+from samsr.data.sam_tokens import EMBEDDING_SUFFIX, EMBEDDINGS_FORMAT
+from samsr.engine.precompute import SAM_TYPES, ImageItem, Summary, collect_images, parse_shard
+
+__all__ = [
+    "EMBEDDINGS_FORMAT",
+    "EMBEDDINGS_VERSION",
+    "EMBEDDING_SUFFIX",
+    "MANIFEST_NAME",
+    "EmbeddingSummary",
+    "build_parser",
+    "check_embeddings_manifest",
+    "embedding_is_complete",
+    "embedding_path",
+    "embeddings_manifest",
+    "main",
+    "precompute_embeddings",
+    "precompute_embeddings_for_model",
+    "prepare_embeddings_cache",
+    "read_embeddings_manifest",
+]
+
+EMBEDDINGS_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MANIFEST_KEYS = ("format", "version", "sam_type", "img_size", "patch", "channels")
+_SCRIPT = "scripts/precompute_sam_embeddings.py"
+
+
+@dataclass
+class EmbeddingSummary(Summary):
+    """A :class:`~samsr.engine.precompute.Summary` plus encode time and bytes written."""
+
+    encode_seconds: float = 0.0
+    bytes_written: int = 0
+
+    def line(self) -> str:
+        """``done 2, ... (of 3 images, 4.2 s), encode 0.510 s/image, wrote 2.10 MB``."""
+        mean = self.encode_seconds / self.done if self.done else 0.0
+        return (
+            f"{super().line()}, encode {mean:.3f} s/image, wrote {self.bytes_written / 1e6:.2f} MB"
+        )
+
+
+# --------------------------------------------------------------------------- cache layout
+
+
+def embedding_path(cache_dir: str | os.PathLike[str], name: str) -> Path:
+    """``<cache_dir>/<name>_emb.npy`` for an image's cache ``name`` (``ImageItem.name``)."""
+    return Path(cache_dir) / f"{name}{EMBEDDING_SUFFIX}"
+
+
+def _encoder_channels(encoder: nn.Module) -> int:
+    """Output channels of a SAM ``ImageEncoderViT`` (its neck's first conv)."""
+    try:
+        return int(encoder.neck[0].out_channels)
+    except (AttributeError, IndexError, TypeError):
+        param = next(encoder.parameters())
+        x = torch.zeros(1, 3, encoder.img_size, encoder.img_size, device=param.device)
+        with torch.no_grad():
+            return int(encoder(x.to(param.dtype)).shape[1])
+
+
+def embeddings_manifest(sam_type: str, encoder: nn.Module) -> dict[str, Any]:
+    """The manifest of a cache of ``encoder``'s embeddings (see the module docstring)."""
+    return {
+        "format": EMBEDDINGS_FORMAT,
+        "version": EMBEDDINGS_VERSION,
+        "sam_type": str(sam_type),
+        "img_size": int(encoder.img_size),
+        "patch": int(encoder.patch_embed.proj.kernel_size[0]),
+        "channels": _encoder_channels(encoder),
+    }
+
+
+def read_embeddings_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The cache's ``manifest.json``, or None if there is none.
+
+    Raises:
+        DataError: The manifest exists but is not a JSON object.
+    """
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot read SAM embedding cache manifest {path}: {exc}. Rerun {_SCRIPT} with "
+            "--overwrite, or use another --out folder."
+        ) from exc
+    if not isinstance(data, dict):
+        raise DataError(
+            f"SAM embedding cache manifest {path} is not a JSON object. Rerun {_SCRIPT} with "
+            "--overwrite, or use another --out folder."
+        )
+    return data
+
+
+def check_embeddings_manifest(
+    cache_dir: str | os.PathLike[str], expected: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Checks the cache's manifest against ``expected`` (any subset of its fields).
+
+    Returns:
+        The manifest on disk.
+
+    Raises:
+        DataError: No manifest, or one whose fields differ (each difference is named).
+    """
+    manifest = read_embeddings_manifest(cache_dir)
+    if manifest is None:
+        raise DataError(
+            f"no SAM embedding cache manifest in {cache_dir} ({MANIFEST_NAME}). Run {_SCRIPT} "
+            "first (or let training precompute the embeddings)."
+        )
+    diffs = [
+        f"{key}: cache {json.dumps(manifest.get(key))}, expected {json.dumps(value)}"
+        for key, value in expected.items()
+        if manifest.get(key) != value
+    ]
+    if diffs:
+        foreign = "format" in expected and manifest.get("format") != expected["format"]
+        what = "is not a SAM embedding cache" if foreign else "was made with other settings"
+        raise DataError(
+            f"SAM embedding cache {cache_dir} {what}: " + "; ".join(diffs) + ". Use another "
+            "--out folder for these settings, or --overwrite to replace the manifest and "
+            "recompute every embedding."
+        )
+    return manifest
+
+
+def prepare_embeddings_cache(
+    cache_dir: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    overwrite: bool = False,
+    write: bool = True,
+) -> None:
+    """Writes the manifest of a new cache, or checks an existing one.
+
+    Args:
+        cache_dir: Cache folder (created if needed).
+        manifest: The settings in use; with ``write=False`` any subset of the fields.
+        overwrite: Replace a manifest made with other settings (or an unreadable one).
+        write: False only checks (nothing is written).
+
+    Raises:
+        DataError: The cache was made with other settings and ``overwrite`` is False.
+    """
+    try:
+        existing = read_embeddings_manifest(cache_dir)
+    except DataError:
+        if not overwrite:
+            raise
+        existing = None
+    if existing is not None and not overwrite:
+        check_embeddings_manifest(cache_dir, manifest)
+        return
+    if write and (existing is None or any(existing.get(k) != v for k, v in manifest.items())):
+        text = json.dumps(dict(manifest), indent=2) + "\n"
+        atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, text.encode("utf-8"))
+
+
+def embedding_is_complete(path: str | os.PathLike[str], channels: int) -> bool:
+    """True if ``path`` is a complete float16 ``C x gh x gw`` ``.npy`` with ``channels`` channels.
+
+    Reads only the header (the data size is checked against the file size), so a truncated file
+    is detected without loading it.
+    """
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                return False
+            offset = handle.tell()
+        size = os.path.getsize(path)
+    except (OSError, ValueError):
+        return False
+    if dtype != np.dtype(np.float16) or len(shape) != 3 or shape[0] != channels:
+        return False
+    return size == offset + int(np.prod(shape)) * dtype.itemsize
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _encode(encoder: nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
+    """``C x gh x gw`` float16 embedding of an H x W x 3 uint8 RGB image."""
+    from samsr.device import synchronize
+    from samsr.models.sam_crm import sam_embedding
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+    emb = sam_embedding(encoder, x)[0].to(torch.float16).cpu().numpy()
+    synchronize(device)
+    if not np.isfinite(emb).all():
+        raise ValueError("the embedding has non-finite values in float16")
+    return emb
+
+
+def precompute_embeddings(
+    items: Sequence[ImageItem],
+    out: str | os.PathLike[str],
+    encoder: nn.Module,
+    device: str | torch.device,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EmbeddingSummary:
+    """Computes and writes the embeddings of ``items`` that are not on disk yet.
+
+    The manifest is not touched here: :func:`prepare_embeddings_cache` (what :func:`main` does)
+    writes or checks it first.
+
+    Args:
+        items: Images (one shard of :func:`~samsr.engine.precompute.collect_images`).
+        out: Cache folder.
+        encoder: SAM's ``ImageEncoderViT`` (moved to ``device`` and set to eval mode).
+        device: Where to encode.
+        overwrite: Recompute every embedding, complete or not.
+        progress: Show a tqdm bar.
+
+    Returns:
+        The :class:`EmbeddingSummary`; failures carry the image file and the error.
+    """
+    device = torch.device(device)
+    encoder = encoder.to(device).eval()
+    channels = _encoder_channels(encoder)
+    summary = EmbeddingSummary(total=len(items))
+    start = time.perf_counter()
+    bar = tqdm(items, desc="SAM embeddings", unit="img", dynamic_ncols=True, disable=not progress)
+    for item in bar:
+        path = embedding_path(out, item.name)
+        if not overwrite and embedding_is_complete(path, channels):
+            summary.skipped += 1
+        else:
+            try:
+                image = read_image(item.image)
+                t0 = time.perf_counter()
+                emb = _encode(encoder, image, device)
+                summary.encode_seconds += time.perf_counter() - t0
+                buffer = io.BytesIO()
+                np.save(buffer, emb)
+                data = buffer.getvalue()
+                atomic_write_bytes(path, data)
+                summary.bytes_written += len(data)
+                summary.done += 1
+            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+                reason = f"{type(exc).__name__}: {exc}"
+                summary.failed.append((str(item.image), reason))
+                tqdm.write(f"FAILED {item.image}: {reason}", file=sys.stderr)
+                if not isinstance(exc, DataError):
+                    tqdm.write(traceback.format_exc(limit=-3), file=sys.stderr)
+        bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed))
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scripts/precompute_sam_embeddings.py`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="precompute_sam_embeddings.py",
+        description="Precompute SAM image embeddings of whole images (SAM-SR v3 training).",
+        epilog="Several GPUs: CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam_embeddings.py "
+        "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
+    )
+    parser.add_argument(
+        "--images", nargs="+", required=True, metavar="DIR",
+        help="dataset roots (training layouts) and/or BIG-layout split folders",
+    )  # fmt: skip
+    parser.add_argument(
+        "--layout", default="auto", choices=("auto", "big", "pairs", *LAYOUTS),
+        help="folder layout of every --images folder (default: auto-detect)",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache folder")
+    sam = parser.add_mutually_exclusive_group(required=True)
+    sam.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM checkpoint (.pth)")
+    sam.add_argument("--tiny-sam", action="store_true", help="random tiny SAM (tests only)")
+    parser.add_argument("--sam-type", default="vit_h", choices=SAM_TYPES, help="SAM backbone")
+    parser.add_argument("--tiny-seed", type=int, default=0, help="tiny SAM weight seed")
+    parser.add_argument(
+        "--tiny-img-size", type=int, default=64, help="tiny SAM input side (multiple of 16)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+        help="encode every N-th image starting at the I-th (0-based), e.g. 1/4",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a cache made with other settings and recompute every embedding of this run",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _build_encoder(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    from samsr.models.sam import build_sam, build_tiny_sam
+
+    if args.tiny_sam:
+        sam = build_tiny_sam(seed=args.tiny_seed, img_size=args.tiny_img_size).to(device)
+    else:
+        sam = build_sam(args.sam_type, args.sam_checkpoint, device)
+    encoder = sam.image_encoder.eval().requires_grad_(False)
+    del sam  # the prompt encoder and mask decoder are not needed
+    return encoder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 ok, 1 some images failed, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    shard_index, shard_count = args.shard
+    sam_type = "tiny" if args.tiny_sam else args.sam_type
+    try:
+        items = collect_images(args.images, args.layout)[shard_index::shard_count]
+        if not args.tiny_sam:
+            checkpoint = Path(args.sam_checkpoint).expanduser()
+            if not checkpoint.is_file():
+                raise DataError(
+                    f"SAM checkpoint not found: {checkpoint}. Pass --sam-checkpoint PATH (the "
+                    f"official {sam_type} .pth file)."
+                )
+        # fail fast, before loading SAM: the fields known without building it
+        known: dict[str, Any] = {
+            "format": EMBEDDINGS_FORMAT,
+            "version": EMBEDDINGS_VERSION,
+            "sam_type": sam_type,
+        }
+        if args.tiny_sam:
+            known["img_size"] = args.tiny_img_size
+        prepare_embeddings_cache(args.out, known, overwrite=args.overwrite, write=False)
+        from samsr.device import resolve_device
+
+        device = resolve_device(args.device)
+        encoder = _build_encoder(args, device)
+        manifest = embeddings_manifest(sam_type, encoder)
+        prepare_embeddings_cache(args.out, manifest, overwrite=args.overwrite)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shard = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
+    print(f"SAM embeddings{shard}: {len(items)} images -> {args.out} ({device})", file=sys.stderr)
+    summary = precompute_embeddings(
+        items, args.out, encoder, device, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    print(f"SAM embeddings{shard}: {summary.line()}")
+    for image, reason in summary.failed:
+        print(f"  failed: {image}: {reason}")
+    return 1 if summary.failed else 0
+
+
+def precompute_embeddings_for_model(
+    sam_cfg: Mapping[str, Any],
+    roots: Sequence[str | os.PathLike[str]],
+    cache_dir: str | os.PathLike[str],
+    device: str = "auto",
+    progress: bool = True,
+) -> int:
+    """Runs :func:`main` for a model config's SAM (``model.net.sam``) over training ``roots``.
+
+    Args:
+        sam_cfg: ``{"type": "vit_h", "checkpoint": PATH, "tiny": False, "seed": 0,
+            "tiny_img_size": 64}`` (``seed`` and ``tiny_img_size`` only matter when ``tiny``).
+        roots: Dataset roots (``--images``).
+        cache_dir: Cache folder (``--out``).
+        device: ``--device``.
+        progress: Show a progress bar.
+
+    Embeddings already in the cache are skipped, so this costs little once the cache is complete.
+
+    Returns:
+        The exit status of :func:`main` (2 without a checkpoint for a non-tiny SAM).
+    """
+    argv = ["--images", *map(str, roots), "--out", str(cache_dir), "--device", str(device)]
+    if sam_cfg.get("tiny"):
+        argv += [
+            "--tiny-sam",
+            "--tiny-seed", str(int(sam_cfg.get("seed", 0))),
+            "--tiny-img-size", str(int(sam_cfg.get("tiny_img_size", 64))),
+        ]  # fmt: skip
+    else:
+        checkpoint = sam_cfg.get("checkpoint")
+        if not checkpoint:
+            print(
+                "error: the SAM checkpoint is not set (model.net.sam.checkpoint): the official "
+                "SAM .pth file is needed to precompute embeddings.",
+                file=sys.stderr,
+            )
+            return 2
+        argv += [
+            "--sam-type",
+            str(sam_cfg.get("type", "vit_h")),
+            "--sam-checkpoint",
+            str(checkpoint),
+        ]
+    if not progress:
+        argv.append("--no-progress")
+    return main(argv)
