@@ -265,14 +265,8 @@ def _amg_override(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), parsed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``scripts/precompute_sam.py`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="precompute_sam.py",
-        description="Precompute SAM colour maps (SAM-SR v2.1) into a cache folder.",
-        epilog="Several GPUs: CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam.py "
-        "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
-    )
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Images, cache folder and SAM options shared by the precompute command lines."""
     parser.add_argument(
         "--images", nargs="+", required=True, metavar="DIR",
         help="dataset roots (training layouts) and/or BIG-layout split folders",
@@ -281,11 +275,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout", default="auto", choices=("auto", "big", "pairs", *LAYOUTS),
         help="folder layout of every --images folder (default: auto-detect)",
     )  # fmt: skip
-    parser.add_argument("--out", required=True, metavar="DIR", help="cache root")
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache folder")
     sam = parser.add_mutually_exclusive_group(required=True)
     sam.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM checkpoint (.pth)")
     sam.add_argument("--tiny-sam", action="store_true", help="random tiny SAM (tests only)")
     parser.add_argument("--sam-type", default="vit_h", choices=SAM_TYPES, help="SAM backbone")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """Device, sharding, overwrite and progress options shared by the precompute command lines."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+        help=f"{what} every N-th image starting at the I-th (0-based), e.g. 1/4",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help=f"replace a cache made with other settings and recompute every {what} of this run",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scripts/precompute_sam.py`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="precompute_sam.py",
+        description="Precompute SAM colour maps (SAM-SR v2.1) into a cache folder.",
+        epilog="Several GPUs: CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam.py "
+        "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
+    )
+    add_input_arguments(parser)
     amg = parser.add_argument_group("AMG settings (default: SAM's)")
     amg.add_argument("--points-per-side", type=int)
     amg.add_argument("--points-per-batch", type=int)
@@ -299,16 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--amg", action="append", type=_amg_override, default=[], metavar="KEY=VALUE",
         help="any other AmgConfig field, e.g. --amg crop_overlap_ratio=0.5 (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument(
-        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
-        help="map every N-th image starting at the I-th (0-based), e.g. 1/4",
-    )  # fmt: skip
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace a cache made with other settings and recompute every map of this run",
-    )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser, "map")
     return parser
 
 

@@ -49,9 +49,14 @@ from torch import nn
 from tqdm import tqdm
 
 from samsr.data.io import DataError, atomic_write_bytes, read_image
-from samsr.data.layouts import LAYOUTS
 from samsr.data.sam_tokens import EMBEDDING_SUFFIX, EMBEDDINGS_FORMAT
-from samsr.engine.precompute import SAM_TYPES, ImageItem, Summary, collect_images, parse_shard
+from samsr.engine.precompute import (
+    ImageItem,
+    Summary,
+    add_input_arguments,
+    add_run_arguments,
+    collect_images,
+)
 
 __all__ = [
     "EMBEDDINGS_FORMAT",
@@ -320,33 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Several GPUs: CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam_embeddings.py "
         "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
     )
-    parser.add_argument(
-        "--images", nargs="+", required=True, metavar="DIR",
-        help="dataset roots (training layouts) and/or BIG-layout split folders",
-    )  # fmt: skip
-    parser.add_argument(
-        "--layout", default="auto", choices=("auto", "big", "pairs", *LAYOUTS),
-        help="folder layout of every --images folder (default: auto-detect)",
-    )  # fmt: skip
-    parser.add_argument("--out", required=True, metavar="DIR", help="cache folder")
-    sam = parser.add_mutually_exclusive_group(required=True)
-    sam.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM checkpoint (.pth)")
-    sam.add_argument("--tiny-sam", action="store_true", help="random tiny SAM (tests only)")
-    parser.add_argument("--sam-type", default="vit_h", choices=SAM_TYPES, help="SAM backbone")
+    add_input_arguments(parser)
     parser.add_argument("--tiny-seed", type=int, default=0, help="tiny SAM weight seed")
     parser.add_argument(
         "--tiny-img-size", type=int, default=64, help="tiny SAM input side (multiple of 16)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument(
-        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
-        help="encode every N-th image starting at the I-th (0-based), e.g. 1/4",
-    )  # fmt: skip
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace a cache made with other settings and recompute every embedding of this run",
-    )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser, "embedding")
     return parser
 
 
