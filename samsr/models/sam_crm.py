@@ -7,7 +7,9 @@ A shallow CNN on image + mask keeps local detail at stride 2; the fuser samples 
 every stride-2 cell (through a :class:`~samsr.models.components.sam_frame.Frame`) and merges both
 into CRM's 256-channel map, which CRM's implicit decoder decodes.
 
-Training (``forward``) encodes each crop with SAM (the crop resized to 1024). The cascade
+Training (``forward``) encodes each crop with SAM (the crop resized to 1024), or takes the crop's
+tokens sampled from a cached whole-image embedding (``sam_tokens``; see
+:mod:`samsr.data.sam_tokens`). The cascade
 (:func:`samsr.inference.cascade.refine`) encodes the whole image once, then at each scale
 re-injects the current mask (:meth:`SamCRM.guide`) and samples the tokens per scale or tile.
 
