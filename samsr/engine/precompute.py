@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -224,20 +224,56 @@ def precompute_maps(
     Returns:
         The :class:`Summary`; failures carry the image file and the error.
     """
-    summary = Summary(total=len(items))
+
+    def is_current(item: ImageItem) -> bool:
+        return map_is_current(map_path(cache_root, item.root, item.image), key)
+
+    def compute(item: ImageItem) -> None:
+        image = read_image(item.image)
+        anns = generate(image, item.name)
+        sam_map = paint_sam_map(anns, image.shape[:2], map_seed(item.name))
+        del anns
+        write_map(map_path(cache_root, item.root, item.image), sam_map, key)
+
+    return run_per_image(
+        items, Summary(total=len(items)), "SAM maps", is_current, compute, overwrite, progress
+    )
+
+
+S = TypeVar("S", bound=Summary)
+
+
+def run_per_image(
+    items: Sequence[ImageItem],
+    summary: S,
+    desc: str,
+    is_current: Callable[[ImageItem], bool],
+    compute: Callable[[ImageItem], None],
+    overwrite: bool = False,
+    progress: bool = True,
+) -> S:
+    """The precompute loop: skip current outputs, compute the others, report failures, go on.
+
+    Args:
+        items: Images to process.
+        summary: Counts to fill (``total`` set by the caller).
+        desc: Progress bar label.
+        is_current: Whether an item's output is already done (skipped unless ``overwrite``).
+        compute: Computes and writes one item's output; any exception marks it failed.
+        overwrite: Recompute every item.
+        progress: Show a tqdm bar.
+
+    Returns:
+        ``summary``, with ``done``, ``skipped``, ``failed`` and ``seconds`` filled.
+    """
     start = time.perf_counter()
-    bar = tqdm(items, desc="SAM maps", unit="img", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(items, desc=desc, unit="img", dynamic_ncols=True, disable=not progress)
     for item in bar:
-        path = map_path(cache_root, item.root, item.image)
-        if not overwrite and map_is_current(path, key):
+        if not overwrite and is_current(item):
             summary.skipped += 1
         else:
             try:
-                image = read_image(item.image)
-                anns = generate(image, item.name)
-                sam_map = paint_sam_map(anns, image.shape[:2], map_seed(item.name))
-                del anns
-                write_map(path, sam_map, key)
+                compute(item)
                 summary.done += 1
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
                 reason = f"{type(exc).__name__}: {exc}"

@@ -37,7 +37,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from samsr.data.io import DataError, atomic_write_bytes, read_image
 from samsr.data.sam_tokens import EMBEDDING_SUFFIX, EMBEDDINGS_FORMAT
@@ -56,6 +54,7 @@ from samsr.engine.precompute import (
     add_input_arguments,
     add_run_arguments,
     collect_images,
+    run_per_image,
 )
 
 __all__ = [
@@ -284,34 +283,22 @@ def precompute_embeddings(
     encoder = encoder.to(device).eval()
     channels = _encoder_channels(encoder)
     summary = EmbeddingSummary(total=len(items))
-    start = time.perf_counter()
-    bar = tqdm(items, desc="SAM embeddings", unit="img", dynamic_ncols=True, disable=not progress)
-    for item in bar:
-        path = embedding_path(out, item.name)
-        if not overwrite and embedding_is_complete(path, channels):
-            summary.skipped += 1
-        else:
-            try:
-                image = read_image(item.image)
-                t0 = time.perf_counter()
-                emb = _encode(encoder, image, device)
-                summary.encode_seconds += time.perf_counter() - t0
-                buffer = io.BytesIO()
-                np.save(buffer, emb)
-                data = buffer.getvalue()
-                atomic_write_bytes(path, data)
-                summary.bytes_written += len(data)
-                summary.done += 1
-            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
-                reason = f"{type(exc).__name__}: {exc}"
-                summary.failed.append((str(item.image), reason))
-                tqdm.write(f"FAILED {item.image}: {reason}", file=sys.stderr)
-                if not isinstance(exc, DataError):
-                    tqdm.write(traceback.format_exc(limit=-3), file=sys.stderr)
-        bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed))
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
+
+    def is_current(item: ImageItem) -> bool:
+        return embedding_is_complete(embedding_path(out, item.name), channels)
+
+    def compute(item: ImageItem) -> None:
+        image = read_image(item.image)
+        t0 = time.perf_counter()
+        emb = _encode(encoder, image, device)
+        summary.encode_seconds += time.perf_counter() - t0
+        buffer = io.BytesIO()
+        np.save(buffer, emb)
+        data = buffer.getvalue()
+        atomic_write_bytes(embedding_path(out, item.name), data)
+        summary.bytes_written += len(data)
+
+    return run_per_image(items, summary, "SAM embeddings", is_current, compute, overwrite, progress)
 
 
 # --------------------------------------------------------------------------- command line

@@ -71,42 +71,33 @@ def evaluate_model(
     )
 
 
-def _precompute_sam_maps(cfg: DictConfig, device: torch.device) -> None:
-    """``model.sam_maps.precompute=true``: make the missing SAM maps of the training set first."""
+def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:
+    """Make what training reads from a SAM cache first, when the config asks for it:
+    ``model.sam_maps.precompute`` (v2.1 maps) or cached ``model.train_tokens`` (v3 embeddings)."""
+    from samsr.data.io import DataError
+
+    jobs = []
     maps = cfg.model.get("sam_maps")
-    if not maps or not maps.get("precompute"):
-        return
-    from samsr.data.io import DataError
-    from samsr.engine.precompute import precompute_for_model
+    if maps and maps.get("precompute"):
+        from samsr.engine.precompute import precompute_for_model
 
-    sam_cfg = OmegaConf.to_container(cfg.model.sam, resolve=True)
-    assert isinstance(sam_cfg, dict)
-    roots = [str(r) for r in cfg.data.train.roots]
-    status = precompute_for_model(sam_cfg, roots, str(maps.cache_dir), str(device))
-    if status != 0:
-        raise DataError(
-            f"precomputing the SAM maps into {maps.cache_dir} failed (exit {status}); "
-            "see the messages above, or run scripts/precompute_sam.py yourself."
-        )
-
-
-def _precompute_sam_embeddings(cfg: DictConfig, device: torch.device) -> None:
-    """``model.train_tokens`` cached + ``precompute=true``: embed the missing training images."""
+        jobs.append((precompute_for_model, cfg.model.sam, maps.cache_dir, "precompute_sam.py"))
     tokens = cfg.model.get("train_tokens")
-    if token_source(cfg.model) != "cached" or not tokens.get("precompute"):
-        return
-    from samsr.data.io import DataError
-    from samsr.engine.precompute_embeddings import precompute_embeddings_for_model
+    if token_source(cfg.model) == "cached" and tokens.get("precompute"):
+        from samsr.engine.precompute_embeddings import precompute_embeddings_for_model
 
-    sam_cfg = OmegaConf.to_container(cfg.model.net.sam, resolve=True)
-    assert isinstance(sam_cfg, dict)
-    roots = [str(r) for r in cfg.data.train.roots]
-    status = precompute_embeddings_for_model(sam_cfg, roots, str(tokens.cache_dir), str(device))
-    if status != 0:
-        raise DataError(
-            f"precomputing the SAM embeddings into {tokens.cache_dir} failed (exit {status}); "
-            "see the messages above, or run scripts/precompute_sam_embeddings.py yourself."
-        )
+        script = "precompute_sam_embeddings.py"
+        jobs.append((precompute_embeddings_for_model, cfg.model.net.sam, tokens.cache_dir, script))
+    roots = [str(r) for r in cfg.data.train.roots] if jobs else []
+    for precompute, sam_node, cache_dir, script in jobs:
+        sam_cfg = OmegaConf.to_container(sam_node, resolve=True)
+        assert isinstance(sam_cfg, dict)
+        status = precompute(sam_cfg, roots, str(cache_dir), str(device))
+        if status != 0:
+            raise DataError(
+                f"precomputing into {cache_dir} failed (exit {status}); see the messages "
+                f"above, or run scripts/{script} yourself."
+            )
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -127,8 +118,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     log.info("run dir: %s, device: %s", run_dir, device)
 
     prepare_data(cfg.data)
-    _precompute_sam_maps(cfg, device)
-    _precompute_sam_embeddings(cfg, device)
+    _precompute_sam_inputs(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
     model = build_model(cfg.model, weights=cfg.model.get("init_weights"), init=True)
     settings = TrainSettings(**cfg.trainer)

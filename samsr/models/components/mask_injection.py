@@ -108,15 +108,14 @@ class MaskAttention(nn.Module):
         m = mask.permute(0, 2, 3, 1)
         q, k = self.qk(self.norm_image(x)).chunk(2, dim=-1)
         v = self.v(self.norm_mask(m))
+        qkv = torch.cat([q, k, v], dim=-1)
         if self.window is None:
-            parts = [t.reshape(b, gh * gw, c) for t in (q, k, v)]
-            keys = None
+            qkv, keys = qkv.reshape(b, gh * gw, 3 * c), None
         else:
-            split = [_partition(t, self.window) for t in (q, k, v)]
-            parts = [s[0] for s in split]
-            keys, padded = split[0][1], split[0][2]
-        n, length = parts[0].shape[:2]
-        q, k, v = (t.view(n, length, self.heads, c // self.heads).transpose(1, 2) for t in parts)
+            qkv, keys, padded = _partition(qkv, self.window)
+        parts = qkv.chunk(3, dim=-1)
+        n, length = qkv.shape[:2]
+        q, k, v = (t.reshape(n, length, self.heads, c // self.heads).transpose(1, 2) for t in parts)
         attn_mask = None if keys is None else keys[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = self.proj(out.transpose(1, 2).reshape(n, length, c))
