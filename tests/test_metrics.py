@@ -45,17 +45,30 @@ def test_binarize_rgb_takes_channel_0():
     np.testing.assert_array_equal(binarize(rgb[..., :1]), expected)  # H x W x 1
 
 
-def test_binarize_zero_one_bool_and_float_inputs():
+def test_binarize_follows_the_dtype_never_the_values():
+    # 8-bit is 8-bit: a 0/1 uint8 mask (e.g. probabilities all below 2/255, saved as uint8) is
+    # background, as CascadePSP reads it; wider integers hold 8-bit values too.
     zero_one = np.array([[0, 1], [1, 0]], dtype=np.uint8)
+    background = np.zeros((2, 2), dtype=bool)
+    np.testing.assert_array_equal(binarize(zero_one), background)
+    np.testing.assert_array_equal(binarize(zero_one.astype(np.int64)), background)
+    np.testing.assert_array_equal(binarize(np.array([[128, 129]], np.uint16)), [[False, True]])
     expected = zero_one.astype(bool)
-    np.testing.assert_array_equal(binarize(zero_one), expected)
-    np.testing.assert_array_equal(binarize(zero_one.astype(np.int64)), expected)
     np.testing.assert_array_equal(binarize(expected), expected)
-    # Float probabilities: x255 truncated, then > 128 (0.5 -> 127, 0.51 -> 130).
+    # Float masks are probabilities: x255 truncated, then > 128 (0.5 -> 127, 0.51 -> 130), also
+    # when every value is small (no rescaling by the maximum).
     probs = np.array([[0.0, 0.5], [0.51, 1.0]], dtype=np.float32)
     assert binarize(probs).tolist() == [[False, False], [True, True]]
-    # Float 0..255 grey values.
-    assert binarize(np.array([[128.0, 200.0]])).tolist() == [[False, True]]
+    assert not binarize(np.full((2, 2), 0.004)).any()
+
+
+def test_meter_scores_a_near_empty_prediction_as_background():
+    gt = np.zeros((8, 8), np.uint8)
+    gt[2:6, 2:6] = 255
+    faint = (gt > 0).astype(np.uint8)  # a refined mask of probabilities < 2/255, as uint8
+    meter = RefinementMeter()
+    meter.update("faint", gt, faint)
+    assert meter.compute()["iou"] == 0.0
 
 
 def test_to_uint8_mask_keeps_uint8_without_copy_and_rejects_bad_input():
@@ -65,9 +78,9 @@ def test_to_uint8_mask_keeps_uint8_without_copy_and_rejects_bad_input():
         to_uint8_mask(np.zeros(5, dtype=np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 255\]"):
         to_uint8_mask(np.array([[-1, 3]], dtype=np.int16))
-    with pytest.raises(ValueError, match=r"\[0, 255\]"):
-        to_uint8_mask(np.array([[0.0, 300.0]]))
-    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8_mask(np.array([[0.0, 128.0]]))  # float grey values are not guessed
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         to_uint8_mask(np.array([[0.0, np.nan]]))
 
 
@@ -281,11 +294,30 @@ def test_meter_small_coarse_rule_copies_coarse_like_cascadepsp():
     meter = RefinementMeter()
     meter.update("s", gt, refined=gt, coarse=coarse)
     out = meter.compute()
-    assert out["num_small_coarse"] == 1
+    assert out["num_small_coarse"] == 1 and out["num_coarse_copied"] == 1
     assert out["iou"] == out["iou_coarse"] == 0.0  # refined replaced by the coarse mask
-    off = RefinementMeter(small_coarse_sum=None)
+    off = RefinementMeter(small_coarse_rule="off")
     off.update("s", gt, refined=gt, coarse=coarse)
-    assert off.compute()["iou"] == 1.0 and off.compute()["num_small_coarse"] == 0
+    assert off.compute()["iou"] == 1.0 and off.compute()["num_coarse_copied"] == 0
+    with pytest.raises(ValueError, match="small_coarse_rule"):
+        RefinementMeter(small_coarse_rule="sometimes")
+
+
+def test_meter_small_coarse_rule_only_fires_on_square_images_like_eval_post():
+    # eval_post.py keeps the coarse copy only when the coarse mask's height equals its width: on a
+    # non-square image the refined mask is scored even when the coarse mask is small.
+    gt = np.zeros((8, 10), np.uint8)
+    gt[2:6, 2:6] = 255
+    coarse = np.zeros_like(gt)
+    coarse[0, 0:3] = 255
+    meter = RefinementMeter()
+    meter.update("wide", gt, refined=gt, coarse=coarse)
+    out = meter.compute()
+    assert out["num_small_coarse"] == 1 and out["num_coarse_copied"] == 0
+    assert out["iou"] == 1.0
+    always = RefinementMeter(small_coarse_rule="always")
+    always.update("wide", gt, refined=gt, coarse=coarse)
+    assert always.compute()["iou"] == 0.0 and always.compute()["num_coarse_copied"] == 1
 
 
 def test_meter_skips_images_without_gt_boundary_from_mba():

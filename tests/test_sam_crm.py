@@ -379,6 +379,21 @@ def test_sample_tokens_on_a_ramp() -> None:
     assert out[0, 1, 0, 17].item() == pytest.approx(t_x - 0.5, abs=1e-5)
 
 
+def test_sample_tokens_keeps_fp32_positions_for_bf16_tokens() -> None:
+    # A 3600 x 5000 image at full scale: one row of 2,500 cells over a 64-token row. bf16 grid
+    # positions would collapse them onto a few hundred columns; positions must stay fp32, so bf16
+    # tokens (exactly representable values) sample what fp32 tokens sample, rounded once.
+    gh, gw = valid_grid(3600, 5000, 1024, 16)
+    tokens = _ramp(gh, gw) / 4  # multiples of 1/4 below 64: exact in bf16
+    args = (Frame.identity(3600, 5000), 1024, 16, (3600, 5000), (1800, 2500), (900, 0, 1, 2500))
+    ref = sample_tokens(tokens, *args)
+    assert torch.unique(ref[0, 1]).numel() > 2000
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample_tokens(tokens.bfloat16(), *args)
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), atol=0, rtol=0)
+    assert out.dtype == torch.bfloat16
+
+
 def test_sample_tokens_through_a_padded_cascade_frame() -> None:
     # 100 x 50 image, SAM side 256: resized 256 x 128, grid 16 x 8; t = 0.16 * y
     tokens = _ramp(16, 8)

@@ -176,7 +176,6 @@ def resolve_model(args: argparse.Namespace) -> tuple[dict[str, Any], str | None,
     backbone = [f"model.net.backbone={args.backbone}"] if args.backbone else []
     if args.random_weights:
         model = _container(compose_eval(backbone or ["model.net.backbone=resnet18"]).model)
-        model["net"]["pretrained"] = None
         return model, None, {"kind": "random", "path": None}
     path = Path(args.ckpt) if args.ckpt else default_checkpoint()
     ckpt = load_checkpoint(path)
@@ -195,8 +194,6 @@ def resolve_model(args: argparse.Namespace) -> tuple[dict[str, Any], str | None,
     else:
         model = _container(compose_eval(backbone).model)
     del ckpt
-    if "pretrained" in model["net"]:  # CRM-style encoders: the checkpoint holds every weight
-        model["net"]["pretrained"] = None
     return model, str(path), info
 
 

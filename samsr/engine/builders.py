@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from samsr.data.train_dataset import EvalDataset
-from samsr.engine.checkpoint import load_model_weights
+from samsr.engine.checkpoint import CheckpointError, load_model_weights
 from samsr.inference import CascadeConfig, Refiner
 
 T = TypeVar("T")
@@ -25,15 +25,48 @@ class ConfigError(ValueError):
 def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = False) -> nn.Module:
     """Instantiate ``model.net``; load ``weights`` (samsr or official CRM checkpoint) if given.
 
-    ``init=True`` (``model.init_weights`` for training) also accepts another variant's weights
-    and zero-fills extra input channels (CRM -> SAM-SR v2.1/v2.2).
+    ``model.net.pretrained`` is never loaded here (evaluation, the benchmark and every run that
+    loads a checkpoint never touch ImageNet weights): :func:`load_pretrained` does that for
+    training from scratch. ``init=True`` (``model.init_weights`` for training) also accepts
+    another variant's weights and zero-fills extra input channels (CRM -> SAM-SR v2.1/v2.2).
     """
-    model = instantiate(model_cfg.net)
+    net = OmegaConf.to_container(model_cfg.net, resolve=True)
+    assert isinstance(net, dict)
+    net.pop("pretrained", None)
+    model = instantiate(net)
     if weights:
         # SAM-SR v1 runs an unchanged CRM: checkpoints of ``weights_name`` fit too
         also = (str(model_cfg.weights_name),) if model_cfg.get("weights_name") else ()
         load_model_weights(model, weights, model_name=model_cfg.get("name"), init=init, also=also)
     return model
+
+
+def load_pretrained(model: nn.Module, model_cfg: DictConfig, checkpoint_dir: str) -> str | None:
+    """Loads ``model.net.pretrained`` into the encoder (training from scratch only).
+
+    ``imagenet`` takes torchvision's release file from ``checkpoint_dir`` if it is there, else
+    torchvision's download (hash checked); a path loads that file; null keeps the random init.
+
+    Returns:
+        Where the weights came from, or None (random init).
+
+    Raises:
+        CheckpointError: If the weights are missing, cannot be downloaded or do not fit.
+    """
+    source = model_cfg.net.get("pretrained")
+    if not source:
+        return None
+    encoder = getattr(model, "encoder", None)
+    if not hasattr(encoder, "load_imagenet"):
+        raise ConfigError(
+            f"model.net.pretrained={source} but model={model_cfg.get('name')} has no ImageNet "
+            "encoder; set model.net.pretrained=null."
+        )
+    try:
+        encoder.load_imagenet(str(source), search_dirs=[checkpoint_dir])
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(f"model.net.pretrained={source}: {err}") from err
+    return str(source)
 
 
 def build_loss(model_cfg: DictConfig) -> nn.Module:

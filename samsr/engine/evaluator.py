@@ -32,6 +32,7 @@ def evaluate(
     save_masks: bool = False,
     dtype: str | None = None,
     progress: bool = True,
+    small_coarse_rule: str = "cascadepsp",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``refine`` on each coarse source.
 
@@ -48,6 +49,7 @@ def evaluate(
         save_masks: write ``<out_dir>/masks/<source>/<name>_mask.png``.
         dtype: the inference dtype, recorded beside the timings.
         progress: show a progress bar.
+        small_coarse_rule: CascadePSP's small-object rule (see :class:`RefinementMeter`).
 
     Returns:
         source -> metrics (``iou``, ``miou``, ``mba``, ``*_coarse``, ``*_delta``, ``time_s``,
@@ -59,7 +61,7 @@ def evaluate(
     for source, dataset in datasets.items():
         if len(dataset) == 0:
             raise ValueError(f"evaluation source '{source}' has no images")
-        meter = RefinementMeter()
+        meter = RefinementMeter(small_coarse_rule=small_coarse_rule)
         eff = EfficiencyMeter(device, warmup=warmup, dtype=dtype)
         takes_name = bool(getattr(refine, "takes_name", False))
         if hasattr(refine, "reset"):

@@ -22,6 +22,7 @@ from samsr.engine.builders import (
     build_refiner,
     build_sam_refiner,
     build_train_dataset,
+    load_pretrained,
     prepare_data,
     to_container,
     token_source,
@@ -68,6 +69,7 @@ def evaluate_model(
         save_masks=bool(cfg.eval.save_masks),
         dtype=_dtype_name(cfg.inference),
         progress=progress,
+        small_coarse_rule=str(cfg.eval.get("small_coarse_rule", "cascadepsp")),
     )
 
 
@@ -120,7 +122,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     prepare_data(cfg.data)
     _precompute_sam_inputs(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
-    model = build_model(cfg.model, weights=cfg.model.get("init_weights"), init=True)
+    init_weights = cfg.model.get("init_weights")
+    model = build_model(cfg.model, weights=init_weights, init=True)
+    if not init_weights and not cfg.get("resume"):  # from scratch: ImageNet encoder weights
+        source = load_pretrained(model, cfg.model, str(cfg.paths.checkpoint_dir))
+        log.info("encoder initialisation: %s", source or "random")
     settings = TrainSettings(**cfg.trainer)
 
     validate = None

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class TrainSettings:
     """Loop settings (``configs/trainer``)."""
 
-    max_steps: int = 45000
+    max_steps: int = 45705
     batch_size: int = 12
     num_workers: int = 4
     amp_dtype: str | None = None

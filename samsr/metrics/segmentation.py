@@ -18,15 +18,20 @@ copied):
   mBA is NaN and so is the dataset mean. Here :func:`boundary_accuracy` returns NaN as well, but
   :class:`RefinementMeter` leaves such images out of the mBA means and reports how many it left out
   (``num_mba_skipped``); on BIG this never happens.
-* CascadePSP's ``eval_post.py`` also replaces the refined mask by the coarse one when the coarse
-  mask's 8-bit values sum to less than 32 * 32 ("small objects"). :class:`RefinementMeter` does the
-  same by default (``small_coarse_sum=1024``; ``None`` turns it off) and counts the images
-  (``num_small_coarse``).
+* CascadePSP's ``eval_post.py`` also means to replace the refined mask by the coarse one when the
+  coarse mask's 8-bit values sum to less than 32 * 32 ("small objects"), but its check only
+  works for square coarse masks: it keeps its copy of the coarse mask only when the coarse mask's
+  height equals its width, otherwise it has already overwritten that copy with the prediction.
+  :class:`RefinementMeter` does exactly that by default (``small_coarse_rule="cascadepsp"``);
+  ``"always"`` copies the coarse mask for every small coarse mask (the rule's evident intent) and
+  ``"off"`` never does. ``num_small_coarse`` counts the small coarse masks (CascadePSP's
+  "Number of small objects"), ``num_coarse_copied`` the images scored with the coarse mask.
 
 Extensions (not in CascadePSP, used nowhere on 8-bit grey masks): RGB(A) masks take channel 0;
-boolean and 0/1 integer masks are scaled to 0/255; float masks in [0, 1] are probabilities, scaled
-by 255 and truncated (as ``(p * 255).astype(np.uint8)`` would save them). The per-image mean IoU
-(``miou``) counts an image whose union is empty (empty GT and prediction) as 1.0.
+boolean masks are 0/255; float masks are probabilities in [0, 1], scaled by 255 and truncated (as
+``(p * 255).astype(np.uint8)`` would save them). The encoding follows the dtype, never the values:
+a uint8 mask whose maximum is 1 is 8-bit (background everywhere), as CascadePSP reads it. The
+per-image mean IoU (``miou``) counts an image whose union is empty (empty GT and prediction) as 1.0.
 """
 
 from __future__ import annotations
@@ -48,45 +53,58 @@ __all__ = [
 
 THRESHOLD = 128
 _RESAMPLERS = ("pil", "cv2")
+SMALL_COARSE_RULES = ("cascadepsp", "always", "off")
 
 
 def to_uint8_mask(mask: np.ndarray) -> np.ndarray:
     """Converts a mask to a 2-D 8-bit grey image (0..255) without copying plain uint8 input.
 
+    The encoding is decided by the dtype alone, never by the values (a near-empty soft
+    prediction saved as 0/1 uint8 is background, as CascadePSP reads it):
+
+    * uint8: 8-bit grey, returned as is;
+    * other integer types: 8-bit grey values stored in a wider type (must lie in 0..255);
+    * bool: False/True -> 0/255;
+    * float: probabilities in [0, 1], scaled by 255 and truncated (as
+      ``(p * 255).astype(np.uint8)`` saves them).
+
+    0/1 label files are a file-format matter: :func:`samsr.data.io.read_mask` reads them.
+
     Args:
-        mask: ``H x W`` or ``H x W x C`` (channel 0 is used). uint8 0..255 is returned as is;
-            bool and integer masks whose maximum is <= 1 are scaled to 0/255; float masks with
-            maximum <= 1 are probabilities, scaled by 255 and truncated; other float/integer masks
-            must lie in 0..255.
+        mask: ``H x W`` or ``H x W x C`` (channel 0 is used).
 
     Returns:
         ``H x W`` uint8 array (a view of the input where possible).
 
     Raises:
-        ValueError: On a bad shape, negative values or values above 255.
+        ValueError: On a bad shape or values outside the dtype's range.
     """
     mask = np.asarray(mask)
     if mask.ndim == 3:
         mask = mask[..., 0]
     if mask.ndim != 2:
         raise ValueError(f"Expected an H x W or H x W x C mask, got shape {mask.shape}.")
+    if mask.dtype == np.uint8:
+        return mask
     if mask.dtype == np.bool_:
         return mask.astype(np.uint8) * np.uint8(255)
     if mask.size == 0:
         raise ValueError(f"Empty mask of shape {mask.shape}.")
-    hi = mask.max()
-    if mask.dtype == np.uint8:
-        return mask * np.uint8(255) if hi <= 1 else mask
-    lo = mask.min()
-    if np.isnan(lo) or np.isnan(hi) or lo < 0 or hi > 255:
-        raise ValueError(
-            f"Mask values must lie in [0, 255] (8-bit) or [0, 1]; got [{lo}, {hi}] ({mask.dtype})."
-        )
+    lo, hi = mask.min(), mask.max()
     if np.issubdtype(mask.dtype, np.floating):
-        scale = 255.0 if hi <= 1.0 else 1.0
-        return (mask * scale).astype(np.uint8)
+        if np.isnan(lo) or np.isnan(hi) or lo < 0 or hi > 1:
+            raise ValueError(
+                f"Float masks are probabilities in [0, 1]; got [{lo}, {hi}] ({mask.dtype}). "
+                "Pass 8-bit grey values as uint8."
+            )
+        return (mask * 255.0).astype(np.uint8)
     if np.issubdtype(mask.dtype, np.integer):
-        return mask.astype(np.uint8) * np.uint8(255 if hi <= 1 else 1)
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"Integer masks hold 8-bit grey values in [0, 255]; got [{lo}, {hi}] "
+                f"({mask.dtype})."
+            )
+        return mask.astype(np.uint8)
     raise ValueError(f"Unsupported mask dtype {mask.dtype}.")
 
 
@@ -151,8 +169,11 @@ class RefinementMeter:
 
     Args:
         resample: Resampler for predictions whose size differs from the GT (see :func:`binarize`).
-        small_coarse_sum: If the coarse mask's 8-bit values sum to less than this, the refined mask
-            is replaced by the coarse one, as CascadePSP's ``eval_post.py`` does; None disables.
+        small_coarse_sum: A coarse mask whose 8-bit values sum to less than this is "small".
+        small_coarse_rule: When a small coarse mask replaces the refined mask in scoring:
+            ``"cascadepsp"`` (default, bit-exact with ``eval_post.py``): only if the coarse mask is
+            square (its height equals its width); ``"always"``: for every small coarse mask;
+            ``"off"``: never.
 
     Example:
         >>> meter = RefinementMeter()
@@ -160,11 +181,21 @@ class RefinementMeter:
         >>> meter.compute()["iou"]  # doctest: +SKIP
     """
 
-    def __init__(self, resample: str = "pil", small_coarse_sum: int | None = 32 * 32) -> None:
+    def __init__(
+        self,
+        resample: str = "pil",
+        small_coarse_sum: int = 32 * 32,
+        small_coarse_rule: str = "cascadepsp",
+    ) -> None:
         if resample not in _RESAMPLERS:
             raise ValueError(f"resample must be one of {_RESAMPLERS}, got {resample!r}.")
+        if small_coarse_rule not in SMALL_COARSE_RULES:
+            raise ValueError(
+                f"small_coarse_rule must be one of {SMALL_COARSE_RULES}, got {small_coarse_rule!r}."
+            )
         self.resample = resample
         self.small_coarse_sum = small_coarse_sum
+        self.small_coarse_rule = small_coarse_rule
         self._rows: list[dict[str, Any]] = []
         self._names: set[str] = set()
         self._has_coarse: bool | None = None
@@ -210,14 +241,17 @@ class RefinementMeter:
             ref_bin = binarize(refined, size, self.resample)
             if coarse is not None:
                 coarse_grey = to_uint8_mask(coarse)
+                # eval_post.py sums and checks the coarse mask as read, before any resize
+                small = int(coarse_grey.sum(dtype=np.int64)) < self.small_coarse_sum
+                square = coarse_grey.shape[0] == coarse_grey.shape[1]
+                copied = small and (
+                    self.small_coarse_rule == "always"
+                    or (self.small_coarse_rule == "cascadepsp" and square)
+                )
                 if coarse_grey.shape != size:
                     coarse_grey = _resize(coarse_grey, size, self.resample)
-                small = (
-                    self.small_coarse_sum is not None
-                    and int(coarse_grey.sum(dtype=np.int64)) < self.small_coarse_sum
-                )
                 coarse_bin = coarse_grey > THRESHOLD
-                if small:
+                if copied:
                     ref_bin = coarse_bin
         except ValueError as err:
             raise ValueError(f"Image {name!r}: {err}") from err
@@ -232,6 +266,7 @@ class RefinementMeter:
             row["mba"], row["mba_coarse"] = boundary_accuracies(gt_bin, [ref_bin, coarse_bin])
             row.update(intersection_coarse=ci, union_coarse=cu, iou_coarse=_iou(ci, cu))
             row["small_coarse"] = bool(small)
+            row["coarse_copied"] = bool(copied)
         self._rows.append(row)
         self._names.add(name)
         self._has_coarse = has_coarse
@@ -247,7 +282,8 @@ class RefinementMeter:
         Returns:
             ``iou`` (pooled), ``miou`` (per-image mean), ``mba`` (mean over images with a GT
             boundary), and with coarse masks ``*_coarse`` and ``*_delta`` (refined - coarse) of the
-            three; plus ``num_images``, ``num_mba_skipped`` and (with coarse) ``num_small_coarse``.
+            three; plus ``num_images``, ``num_mba_skipped`` and (with coarse)
+            ``num_small_coarse`` and ``num_coarse_copied``.
         """
         if not self._rows:
             raise ValueError("RefinementMeter is empty: call update() before compute().")
@@ -266,6 +302,7 @@ class RefinementMeter:
         out["num_mba_skipped"] = sum(math.isnan(row["mba"]) for row in self._rows)
         if self._has_coarse:
             out["num_small_coarse"] = sum(row["small_coarse"] for row in self._rows)
+            out["num_coarse_copied"] = sum(row["coarse_copied"] for row in self._rows)
         return out
 
 

@@ -14,7 +14,8 @@ Reference facts (dvlab-research/Entity, High-Quality-Segmention/models/network/e
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +37,51 @@ def _imagenet_hint(arch: str) -> str:
         "or downloaded from https://download.pytorch.org/models/ (pass pretrained='imagenet' to "
         "let torchvision download it on a machine with network access)"
     )
+
+
+def imagenet_url(arch: str) -> str:
+    """The download address of torchvision's IMAGENET1K_V1 weights of ``arch``."""
+    from torchvision.models import get_model_weights
+
+    return str(get_model_weights(arch)["IMAGENET1K_V1"].url)
+
+
+def _sha256_prefix_ok(path: Path) -> bool:
+    """torch.hub's rule: the hex after the last '-' of the stem starts the file's SHA-256."""
+    prefix = path.stem.rsplit("-", 1)[-1]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest().startswith(prefix)
+
+
+def _imagenet_state(arch: str, search_dirs: Sequence[str | Path]) -> tuple[dict, str]:
+    """torchvision's IMAGENET1K_V1 state dict of ``arch``: a local copy, else the download."""
+    url = imagenet_url(arch)
+    name = url.rsplit("/", 1)[-1]
+    for folder in search_dirs:
+        path = Path(folder).expanduser() / name
+        if path.is_file():
+            if not _sha256_prefix_ok(path):
+                raise ValueError(
+                    f"{path} does not match its release hash (corrupt or partial download); "
+                    f"delete it and download {url} again."
+                )
+            return torch.load(path, map_location="cpu", weights_only=True), str(path)
+    from torch.hub import load_state_dict_from_url
+
+    try:
+        state = load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - no network, proxy, hash mismatch ...
+        where = " or ".join(str(Path(d) / name) for d in search_dirs) or name
+        raise FileNotFoundError(
+            f"ImageNet weights for {arch} are not on this machine and could not be downloaded "
+            f"({type(err).__name__}: {err}). Download {url} on a connected machine and put it "
+            f"at {where}, or pass model.net.pretrained=<file>, or model.net.pretrained=null for "
+            "random init."
+        ) from err
+    return state, f"torchvision {arch} IMAGENET1K_V1 ({url})"
 
 
 def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
@@ -63,8 +109,9 @@ class ResNetEncoder(nn.Module):
         arch: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101`` (torchvision classes).
         in_channels: input channels of the first conv (3 RGB + mask + extras; >= 3).
         pretrained: None (random init), a path to a local torchvision ImageNet state dict, or
-            ``"imagenet"`` to let torchvision download the IMAGENET1K_V1 weights (the ones the
-            reference used; needs network access).
+            ``"imagenet"`` for the IMAGENET1K_V1 weights (the ones the reference used; see
+            :meth:`load_imagenet`). samsr's engine builds with None and loads ImageNet weights
+            only when training starts from scratch.
 
     Attributes:
         out_channels: channels of (conv1, layer1, layer3): (64, 256, 1024) for ResNet-50/101,
@@ -131,22 +178,23 @@ class ResNetEncoder(nn.Module):
         h3, w3 = (h2 - 1) // 2 + 1, (w2 - 1) // 2 + 1  # layer2: 3x3/2, pad 1
         return [(h1, w1), (h2, w2), (h3, w3)]
 
-    def load_imagenet(self, source: str) -> None:
+    def load_imagenet(self, source: str, search_dirs: Sequence[str | Path] = ()) -> None:
         """Loads torchvision ImageNet weights (RGB filters to channels 0-2, extras zero).
 
         Args:
             source: a path to a local torchvision state dict file, or ``"imagenet"`` for
-                torchvision's download of the IMAGENET1K_V1 weights.
+                torchvision's IMAGENET1K_V1 weights (the reference's): the file under its
+                release name (e.g. ``resnet50-0676ba61.pth``) in one of ``search_dirs`` if there,
+                its SHA-256 prefix checked, else torchvision's download (hash checked, cached).
+            search_dirs: folders to look in first for ``"imagenet"`` (e.g. ``checkpoints/``).
 
         Raises:
-            FileNotFoundError: If the file does not exist (the message says where to get it).
+            FileNotFoundError: If the file does not exist or the weights cannot be downloaded
+                (the message says where to put the file).
             ValueError: If the file does not hold this arch's torchvision state dict.
         """
         if source == "imagenet":
-            from torchvision.models import get_model_weights
-
-            state = get_model_weights(self.arch)["IMAGENET1K_V1"].get_state_dict(progress=True)
-            origin = f"torchvision {self.arch} IMAGENET1K_V1"
+            state, origin = _imagenet_state(self.arch, search_dirs)
         else:
             path = Path(source).expanduser()
             if not path.is_file():

@@ -175,8 +175,14 @@ def sample_tokens(
         nw, patch, gw, dev,
     )  # fmt: skip
     grid = torch.stack(torch.broadcast_tensors(xs.view(1, -1), ys.view(-1, 1)), dim=-1)
-    grid = grid.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1, -1)
-    return F.grid_sample(tokens, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid = grid.unsqueeze(0).expand(tokens.shape[0], -1, -1, -1)
+    # Positions stay fp32 whatever the tokens' dtype (bf16 would round a 5000 px row of cells to
+    # a few hundred distinct columns): sample in fp32, return in the tokens' dtype.
+    with torch.autocast(dev.type, enabled=False):
+        out = F.grid_sample(
+            tokens.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+    return out.to(tokens.dtype)
 
 
 def mask_to_token_frame(
