@@ -115,3 +115,20 @@ def test_eval_errors_are_clear(tiny_cfg, tmp_path):
         run_eval(tiny_cfg("eval", [f"ckpt_path={tmp_path}/missing.pt"]))
     with pytest.raises(ConfigError, match="no 'train' split|use val or test"):
         build_eval_datasets(tiny_cfg("eval").data, "train")
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_missing_evaluation_data_fails_before_step_0(tiny_cfg, tmp_path, split):
+    from samsr.data.io import DataError
+
+    missing = tmp_path / "no_such_source"
+    extra = [
+        f"data.{split}.coarse_dirs.down8={missing}",
+        "trainer.max_steps=3",
+        "trainer.ckpt_every=1",
+        f"trainer.val_every={2 if split == 'val' else 0}",
+        "test_after_training=true",
+    ]
+    with pytest.raises(DataError, match="no_such_source"):
+        run_train(tiny_cfg("train", extra))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no training step ran

@@ -13,6 +13,7 @@ from torch import nn
 
 from samsr.data.train_dataset import EvalDataset
 from samsr.engine.checkpoint import CheckpointError, load_model_weights
+from samsr.engine.trainer import TrainSettings
 from samsr.inference import CascadeConfig, Refiner
 
 T = TypeVar("T")
@@ -165,6 +166,11 @@ def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
     amg_values = json.loads(json.dumps(amg_values))  # tuples -> lists, as in the manifest
     amg_values.pop("points_per_batch", None)  # batching does not change the masks
     return {"sam_type": "tiny" if sam_cfg.get("tiny") else str(sam_cfg.type), "amg": amg_values}
+
+
+def train_settings(trainer_cfg: DictConfig) -> TrainSettings:
+    """The training-loop settings of ``trainer`` (bad or unknown keys: ConfigError)."""
+    return _settings(TrainSettings, trainer_cfg, "trainer")
 
 
 def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.device) -> Any:

@@ -26,9 +26,10 @@ from samsr.engine.builders import (
     prepare_data,
     to_container,
     token_source,
+    train_settings,
 )
 from samsr.engine.evaluator import evaluate, format_results
-from samsr.engine.trainer import Trainer, TrainSettings
+from samsr.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,12 @@ def evaluate_model(
     model: nn.Module,
     cfg: DictConfig,
     device: torch.device,
-    split: str,
+    datasets: dict[str, Any],
     out_dir: str | Path | None,
-    max_images: int | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``cfg.data.<split>``."""
-    datasets = build_eval_datasets(cfg.data, split, max_images)
+    """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``datasets`` (source ->
+    :class:`~samsr.data.train_dataset.EvalDataset`, from :func:`build_eval_datasets`)."""
     refiner = build_sam_refiner(build_refiner(model, cfg.inference, device), cfg.model, device)
     return evaluate(
         refiner,
@@ -120,6 +120,23 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     log.info("run dir: %s, device: %s", run_dir, device)
 
     prepare_data(cfg.data)
+    settings = train_settings(cfg.trainer)
+    # Every evaluation set is found and checked now, not at the first validation or after the
+    # last step: a missing folder or an unpaired file fails before step 0 (and before any
+    # SAM precompute).
+    validate = None
+    if cfg.data.get("val") and settings.val_every > 0:
+        val_sets = build_eval_datasets(cfg.data, "val", settings.val_max_images)
+
+        def validate(m: nn.Module, step: int) -> dict[str, float]:
+            out = run_dir / "val" / f"step_{step:07d}"
+            res = evaluate_model(m, cfg, device, val_sets, out, progress=False)
+            return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
+
+    test_sets = None
+    if cfg.get("test_after_training") and cfg.data.get("test"):
+        test_sets = build_eval_datasets(cfg.data, "test", cfg.eval.get("max_images"))
+
     _precompute_sam_inputs(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
     init_weights = cfg.model.get("init_weights")
@@ -127,17 +144,6 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     if not init_weights and not cfg.get("resume"):  # from scratch: ImageNet encoder weights
         source = load_pretrained(model, cfg.model, str(cfg.paths.checkpoint_dir))
         log.info("encoder initialisation: %s", source or "random")
-    settings = TrainSettings(**cfg.trainer)
-
-    validate = None
-    if cfg.data.get("val") and settings.val_every > 0:
-
-        def validate(m: nn.Module, step: int) -> dict[str, float]:
-            res = evaluate_model(
-                m, cfg, device, "val", run_dir / "val" / f"step_{step:07d}",
-                max_images=settings.val_max_images, progress=False,
-            )  # fmt: skip
-            return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
 
     trainer = Trainer(
         model=model,
@@ -159,10 +165,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     log.info("checkpoint: %s", ckpt)
 
     results = None
-    if cfg.get("test_after_training") and cfg.data.get("test"):
-        results = evaluate_model(
-            trainer.model, cfg, device, "test", run_dir / "test", cfg.eval.get("max_images")
-        )
+    if test_sets is not None:
+        results = evaluate_model(trainer.model, cfg, device, test_sets, run_dir / "test")
         print(format_results(results, method=str(cfg.model.name)))
         print(f"\nresults: {run_dir / 'test' / 'results.md'}\ncheckpoint: {ckpt}")
     return {"run_dir": run_dir, "checkpoint": ckpt, "test": results}
@@ -178,11 +182,10 @@ def run_eval(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     prepare_data(cfg.data)
+    datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
     model = build_model(cfg.model, weights=cfg.ckpt_path)
     out_dir = Path(cfg.paths.output_dir)
-    results = evaluate_model(
-        model, cfg, device, str(cfg.split), out_dir, cfg.eval.get("max_images")
-    )
+    results = evaluate_model(model, cfg, device, datasets, out_dir)
     print(format_results(results, method=str(cfg.model.name)))
     print(f"\nresults: {out_dir / 'results.md'}")
     return results
