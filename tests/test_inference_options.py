@@ -296,3 +296,21 @@ def test_bad_inference_values_are_clear() -> None:
         cascade_config(OmegaConf.create({"stride": 0}))
     with pytest.raises(ConfigError, match="region"):
         cascade_config(OmegaConf.create({"region": "box"}))
+
+
+def test_timed_runs_never_synchronise_per_stage(model: CRM, monkeypatch) -> None:
+    # Stage times need a device synchronisation around every encode/decode of every scale and
+    # tile; only an opt-in profiling run pays for them (timed runs time whole images).
+    from samsr.inference import cascade
+
+    syncs: list[object] = []
+    monkeypatch.setattr(cascade, "synchronize", lambda device: syncs.append(device))
+    image, coarse = _inputs(67, 45)
+    cfg = CascadeConfig(scales=(0.5, 1.0), tile=32, tile_halo=8)
+    counts: dict[str, float] = {}
+    plain = refine(model, image, coarse, cfg, timings=counts)
+    assert syncs == [] and "encode" not in counts and counts["tiles"] > 2
+    profiled: dict[str, float] = {}
+    again = refine(model, image, coarse, cfg, timings=profiled, profile=True)
+    assert len(syncs) >= 2 * profiled["tiles"] and profiled["encode"] > 0 < profiled["decode"]
+    torch.testing.assert_close(again, plain, atol=0, rtol=0)  # the same computation

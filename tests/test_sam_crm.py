@@ -466,7 +466,7 @@ def test_cascade_runs_sam_once_per_image_and_tiles_match(v34: SamCRM) -> None:
     v34.guide = recording_guide  # instance attribute: shadows the method
     try:
         timings: dict[str, float] = {}
-        out = refine(v34, image, coarse, CascadeConfig(**opts), timings=timings)
+        out = refine(v34, image, coarse, CascadeConfig(**opts), timings=timings, profile=True)
         assert calls[0] == 1  # SAM once, before the three scales
         assert timings["sam"] > 0 and timings["encode"] > 0
         assert out.shape == (1, 1, h, w)

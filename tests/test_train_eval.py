@@ -132,3 +132,23 @@ def test_missing_evaluation_data_fails_before_step_0(tiny_cfg, tmp_path, split):
     with pytest.raises(DataError, match="no_such_source"):
         run_train(tiny_cfg("train", extra))
     assert not (tmp_path / "run" / "checkpoints").exists()  # no training step ran
+
+
+def test_training_reads_losses_from_the_device_only_on_log_steps(tiny_cfg, monkeypatch):
+    # Every host read of a tensor made by the trainer's own code (float(), .item(), .tolist())
+    # waits for the device; between log steps there must be none.
+    import sys
+
+    reads: list[str] = []
+    for name in ("__float__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == "samsr.engine.trainer":
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    common = ["trainer.val_every=0", "trainer.image_every=0", "test_after_training=false"]
+    run_train(tiny_cfg("train", [*common, "trainer.max_steps=4", "trainer.log_every=0"]))
+    assert reads == ["tolist"]  # the last step's log: all terms in one transfer

@@ -266,6 +266,7 @@ def _run_facts(args: argparse.Namespace, argv: list[str], device: str, out: Path
         "warmup_size": WARMUP_SIZE,
         "reference": REFERENCE,
         "inference_overrides": args.inference_override,
+        "profile": bool(args.profile),
     }
 
 
@@ -287,6 +288,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     bench["groups"] = {}
     shared = {"device": device, "model": model, "weights": weights, "configs": configs}
     shared.update(seed=args.seed, warmup_size=WARMUP_SIZE, progress=sys.stderr.isatty())
+    shared["profile"] = bool(args.profile)
     total, done = len(groups) * len(variants), 0
     for group in groups:
         gts = {it.name: read_mask(it.gt) for it in group.items}
@@ -416,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra Hydra overrides for every variant, e.g. inference.chunk_size=65536",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profiling run: also time every encode/decode stage (the device is synchronised "
+        "around each stage and tile, which inflates the times; default: whole images only)",
     )
     p.add_argument("--out", help="output folder (default outputs/benchmark/<date>_<time>)")
     p.add_argument(

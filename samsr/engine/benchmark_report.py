@@ -252,6 +252,13 @@ def format_report(bench: Mapping[str, Any]) -> str:
     ]
     if bench.get("inference_overrides"):
         facts.append(f"- overrides for every variant: `{' '.join(bench['inference_overrides'])}`")
+    if bench.get("profile"):
+        facts.insert(
+            0,
+            "- **PROFILING RUN (--profile): the device is synchronised around every encode and "
+            "decode stage of every scale and tile, so times are inflated (tiled variants most); "
+            "per-stage seconds are in benchmark.json (`cascade`).**",
+        )
     if ckpt["kind"] == "random":
         facts.insert(
             0,

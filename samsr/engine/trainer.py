@@ -57,6 +57,12 @@ def _every(step: int, period: int) -> bool:
     return period > 0 and step % period == 0
 
 
+def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss terms as Python floats, copied to the host in one transfer (one device sync)."""
+    values = torch.stack([v.float() for v in losses.values()]).tolist()
+    return dict(zip(losses, values))
+
+
 class Trainer:
     """Trains ``model`` on a stream of samples from ``dataset``.
 
@@ -161,8 +167,12 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),
         )
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One optimisation step on a batch; returns the loss terms."""
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch; returns the loss terms as detached device tensors.
+
+        Nothing here waits for the device: the terms are read (one synchronisation) only on
+        logging steps, by :func:`loss_values`.
+        """
         image = batch["image"].to(self.device, non_blocking=True)
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
@@ -185,7 +195,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self._last_images = (image, coarse, gt, out["logits"].detach())
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def _log_images(self, writer: SummaryWriter) -> None:
         image, coarse, gt, logits = self._last_images
@@ -206,6 +216,7 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if _every(self.step, s.log_every) or self.step == s.max_steps:
+                    losses = loss_values(losses)
                     for k, v in losses.items():
                         writer.add_scalar(f"train/loss_{k}", v, self.step)
                     writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)

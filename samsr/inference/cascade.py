@@ -334,6 +334,7 @@ def refine(
     cfg: CascadeConfig | None = None,
     extra: Tensor | None = None,
     timings: dict[str, float] | None = None,
+    profile: bool = False,
 ) -> Tensor:
     """Refines one mask with the multi-scale cascade (runs under ``torch.inference_mode``).
 
@@ -345,11 +346,13 @@ def refine(
         cfg: cascade settings (default: the reference protocol).
         extra: optional 1 x E x H x W extra input channels (SAM-SR variants), kept fixed;
             float, or uint8 (divided by 255, like training's maps).
-        timings: if given, ``"encode"`` and ``"decode"`` seconds are added to it (with device
-            synchronisation, which costs a little), ``"sam"`` for SAM-guided models (SAM-SR v3:
-            SAM's encoder runs once per image, before the scales), and counters:
-            ``"decoded_px"`` (queries decoded over all scales), ``"tiles"`` /
-            ``"tiles_skipped"`` (tiled mode).
+        timings: if given, counters are added to it: ``"decoded_px"`` (queries decoded over
+            all scales), ``"tiles"`` / ``"tiles_skipped"`` (tiled mode), and ``"sam"`` seconds
+            for SAM-guided models (SAM-SR v3: SAM's encoder runs once per image, before the
+            scales; one synchronisation on each side of it).
+        profile: also add ``"encode"`` and ``"decode"`` seconds to ``timings``, synchronising
+            the device around every stage of every scale and tile (a profiling run: the
+            synchronisations cost time, most of all in tiled mode; never in timed runs).
 
     Returns:
         1 x 1 x H x W probability of the last scale (all zeros for an empty input mask).
@@ -360,7 +363,7 @@ def refine(
     if coarse.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
     with torch.inference_mode(), _decoder_mode(model, cfg.decoder_factorized):
-        return _refine(model, image, coarse, cfg, extra, timings)
+        return _refine(model, image, coarse, cfg, extra, timings, profile)
 
 
 def _as_unit(x: Tensor) -> Tensor:
@@ -455,6 +458,7 @@ def _refine(
     cfg: CascadeConfig,
     extra: Tensor | None,
     timings: dict[str, float] | None,
+    profile: bool = False,
 ) -> Tensor:
     _, _, h, w = image.shape
     device = image.device
@@ -466,20 +470,22 @@ def _refine(
     region = _region(cfg, label) if label is not None else None
     del label
 
-    def tick() -> float:
-        if timings is not None:
+    profile = profile and timings is not None
+
+    def tick(sync: bool = profile) -> float:
+        if sync:
             synchronize(device)
         return time.perf_counter()
 
     def add(key: str, value: float) -> None:
-        if timings is not None:
+        if timings is not None and (profile or key not in _PROFILED):
             timings[key] = timings.get(key, 0.0) + value
 
     embedding = None
     if getattr(model, "guided", False) and not is_empty_mask(mask):
-        t0 = tick()
+        t0 = tick(timings is not None)
         embedding = model.embed_image(image)  # SAM-SR v3: SAM's encoder once per image
-        add("sam", tick() - t0)
+        add("sam", tick(timings is not None) - t0)
     for i, scale in enumerate(cfg.scales):
         if i > 0:
             mask = (prob - 0.5) * 2  # ref: seg = (pred - 0.5) * 2
@@ -520,6 +526,9 @@ def _refine(
         add("decode", t2 - t1)
         add("decoded_px", n)
     return prob[..., cfg.pad : cfg.pad + h, cfg.pad : cfg.pad + w].contiguous()
+
+
+_PROFILED = ("encode", "decode")  # stage times, recorded only by profiling runs
 
 
 def _refine_tiles(
