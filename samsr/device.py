@@ -22,11 +22,13 @@ import contextlib
 import os
 import platform
 import sys
+from collections.abc import Iterator
 
 import torch
 
 __all__ = [
     "autocast",
+    "backend_flags",
     "describe",
     "parse_dtype",
     "peak_memory_bytes",
@@ -276,3 +278,27 @@ def describe(device: DeviceLike) -> str:
     if device.type == "mps":
         return f"mps ({platform.machine()})"
     return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def backend_flags(cudnn_benchmark: bool, tf32: bool) -> Iterator[dict[str, bool]]:
+    """Sets cuDNN autotuning and TF32 for a block of CUDA work, restoring the previous values.
+
+    Args:
+        cudnn_benchmark: ``torch.backends.cudnn.benchmark``: autotune convolution kernels per
+            input shape (worth it for fixed training crops; a loss when every image and scale is
+            a new shape, as in evaluation).
+        tf32: TF32 tensor cores for fp32 matmuls and cuDNN convolutions (Ampere+); off gives
+            full fp32 (torch's own default leaves cuDNN convolutions on TF32).
+
+    Yields:
+        The settings in force (``cudnn_benchmark``, ``tf32``), to record beside device and dtype.
+        CPU work ignores both.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32)
+    cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = cudnn_benchmark, tf32, tf32
+    try:
+        yield {"cudnn_benchmark": bool(cudnn_benchmark), "tf32": bool(tf32)}
+    finally:
+        cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = saved

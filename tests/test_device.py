@@ -111,3 +111,41 @@ def test_cuda_device_peak_memory_and_autocast():
     assert "cuda:" in devices.describe(device)
     with pytest.raises(ValueError, match="CUDA device"):
         devices.resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def _flags() -> tuple[bool, bool, bool]:
+    b = torch.backends
+    return b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+
+
+def test_backend_flags_set_and_restore():
+    before = _flags()
+    with devices.backend_flags(cudnn_benchmark=True, tf32=False) as facts:
+        assert _flags() == (True, False, False)
+        assert facts == {"cudnn_benchmark": True, "tf32": False}
+        with devices.backend_flags(cudnn_benchmark=False, tf32=True):
+            assert _flags() == (False, True, True)
+        assert _flags() == (True, False, False)
+    assert _flags() == before
+
+
+def test_refiner_runs_under_its_presets_flags(model, monkeypatch):
+    # faithful: no autotuning, no TF32 (the reference's fp32); fast allows TF32
+    from samsr.inference import CascadeConfig, Refiner, refiner
+
+    seen = []
+    real = refiner.refine
+
+    def spy(*args, **kwargs):
+        seen.append(_flags())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refiner, "refine", spy)
+    image = np.zeros((40, 48, 3), np.uint8)
+    coarse = np.zeros((40, 48), np.uint8)
+    coarse[10:30, 10:30] = 255
+    outside = _flags()
+    Refiner(model, cascade=CascadeConfig(scales=(1.0,)))(image, coarse)
+    Refiner(model, cascade=CascadeConfig.recommended())(image, coarse)
+    assert seen == [(False, False, False), (False, True, True)]
+    assert _flags() == outside

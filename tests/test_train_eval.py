@@ -102,6 +102,7 @@ def test_train_then_eval_writes_reports_for_each_source(tiny_cfg, tmp_path):
         for key in ("iou", "miou", "mba", "iou_coarse", "mba_coarse", "iou_delta", "time_s"):
             assert key in m, key
         assert m["iou_delta"] == pytest.approx(m["iou"] - m["iou_coarse"])
+        assert m["cudnn_benchmark"] is False and m["tf32"] is False  # inference=faithful
         assert results[source]["mba"] == pytest.approx(m["mba"])
         assert len(list((out / "masks" / source).glob("*_mask.png"))) == 2
     table = (out / "results.md").read_text()
@@ -152,3 +153,32 @@ def test_training_reads_losses_from_the_device_only_on_log_steps(tiny_cfg, monke
     common = ["trainer.val_every=0", "trainer.image_every=0", "test_after_training=false"]
     run_train(tiny_cfg("train", [*common, "trainer.max_steps=4", "trainer.log_every=0"]))
     assert reads == ["tolist"]  # the last step's log: all terms in one transfer
+
+
+def test_training_autotunes_and_validation_uses_the_inference_flags(tiny_cfg, monkeypatch):
+    from samsr.engine import run, trainer
+
+    seen: dict[str, list] = {"train": [], "val": []}
+
+    def flags():
+        b = torch.backends
+        return b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+
+    train_step, evaluate = trainer.Trainer.train_step, run.evaluate
+
+    def spy_step(self, batch):
+        seen["train"].append(flags())
+        return train_step(self, batch)
+
+    def spy_eval(*args, **kwargs):
+        seen["val"].append(flags())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", spy_step)
+    monkeypatch.setattr(run, "evaluate", spy_eval)
+    outside = flags()
+    extra = ["trainer.max_steps=2", "trainer.val_every=1", "test_after_training=false"]
+    run_train(tiny_cfg("train", [*extra, "trainer.val_max_images=1"]))
+    assert seen["train"] == [(True, True, True)] * 2  # trainer defaults: autotune, TF32
+    assert seen["val"] == [(False, False, False)] * 2  # inference=faithful
+    assert flags() == outside

@@ -33,6 +33,7 @@ def evaluate(
     dtype: str | None = None,
     progress: bool = True,
     small_coarse_rule: str = "cascadepsp",
+    facts: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``refine`` on each coarse source.
 
@@ -50,6 +51,8 @@ def evaluate(
         dtype: the inference dtype, recorded beside the timings.
         progress: show a progress bar.
         small_coarse_rule: CascadePSP's small-object rule (see :class:`RefinementMeter`).
+        facts: settings recorded in every source's metrics beside device and dtype (e.g. the
+            ``cudnn_benchmark`` / ``tf32`` flags in force).
 
     Returns:
         source -> metrics (``iou``, ``miou``, ``mba``, ``*_coarse``, ``*_delta``, ``time_s``,
@@ -79,7 +82,7 @@ def evaluate(
             sizes.add(tuple(sample["gt"].shape[:2]))
             if save_masks and out_dir is not None:
                 write_mask(Path(out_dir) / "masks" / source / f"{sample['name']}_mask.png", pred)
-        res: dict[str, Any] = {**meter.compute(), **eff.compute()}
+        res: dict[str, Any] = {**meter.compute(), **eff.compute(), **(facts or {})}
         res["image_sizes"] = sorted(f"{w}x{h}" for h, w in sizes)
         if hasattr(refine, "report"):
             res.update(refine.report())  # e.g. sam_ms / refine_ms and SAM-SR v1 gate counts

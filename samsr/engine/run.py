@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from samsr.device import resolve_device
+from samsr.device import backend_flags, resolve_device
 from samsr.engine.builders import (
     ConfigError,
     build_eval_datasets,
@@ -22,6 +22,7 @@ from samsr.engine.builders import (
     build_refiner,
     build_sam_refiner,
     build_train_dataset,
+    cascade_config,
     load_pretrained,
     prepare_data,
     to_container,
@@ -59,18 +60,22 @@ def evaluate_model(
     """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``datasets`` (source ->
     :class:`~samsr.data.train_dataset.EvalDataset`, from :func:`build_eval_datasets`)."""
     refiner = build_sam_refiner(build_refiner(model, cfg.inference, device), cfg.model, device)
-    return evaluate(
-        refiner,
-        datasets,
-        device,
-        out_dir=out_dir,
-        method=str(cfg.model.get("name", "refined")),
-        warmup=int(cfg.eval.warmup),
-        save_masks=bool(cfg.eval.save_masks),
-        dtype=_dtype_name(cfg.inference),
-        progress=progress,
-        small_coarse_rule=str(cfg.eval.get("small_coarse_rule", "cascadepsp")),
-    )
+    cascade = cascade_config(cfg.inference)
+    # the inference flags for SAM too (the refiner sets them for its own calls)
+    with backend_flags(cascade.cudnn_benchmark, cascade.tf32) as flags:
+        return evaluate(
+            refiner,
+            datasets,
+            device,
+            out_dir=out_dir,
+            method=str(cfg.model.get("name", "refined")),
+            warmup=int(cfg.eval.warmup),
+            save_masks=bool(cfg.eval.save_masks),
+            dtype=_dtype_name(cfg.inference),
+            progress=progress,
+            small_coarse_rule=str(cfg.eval.get("small_coarse_rule", "cascadepsp")),
+            facts=flags,
+        )
 
 
 def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:

@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from samsr.device import autocast
+from samsr.device import autocast, backend_flags
 from samsr.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -35,6 +35,8 @@ class TrainSettings:
     batch_size: int = 12
     num_workers: int = 4
     amp_dtype: str | None = None
+    cudnn_benchmark: bool = True
+    tf32: bool = True
     grad_clip: float | None = None
     log_every: int = 20
     image_every: int = 500
@@ -208,30 +210,34 @@ class Trainer:
         """Train until ``max_steps``; returns the last checkpoint's path."""
         s = self.settings
         writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
-        last_ckpt = self.ckpt_dir / "last.pt"
         try:
-            bar = tqdm(total=s.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-            for batch in self._loader():
-                losses = self.train_step(batch)
-                self.step += 1
-                bar.update(1)
-                if _every(self.step, s.log_every) or self.step == s.max_steps:
-                    losses = loss_values(losses)
-                    for k, v in losses.items():
-                        writer.add_scalar(f"train/loss_{k}", v, self.step)
-                    writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
-                    bar.set_postfix(loss=f"{losses['total']:.4f}")
-                if _every(self.step, s.image_every):
-                    self._log_images(writer)
-                if _every(self.step, s.ckpt_every) or self.step == s.max_steps:
-                    last_ckpt = self.save()
-                if self.validate is not None and _every(self.step, s.val_every):
-                    for k, v in self.validate(self.model, self.step).items():
-                        writer.add_scalar(f"val/{k}", v, self.step)
-                    self.model.train()
-            bar.close()
+            with backend_flags(s.cudnn_benchmark, s.tf32):
+                self._loop(writer)
         finally:
             writer.close()
         if self.step < s.max_steps:
             raise RuntimeError(f"training stopped early at step {self.step} of {s.max_steps}")
-        return self.ckpt_dir / "last.pt" if last_ckpt.exists() else last_ckpt
+        return self.ckpt_dir / "last.pt"
+
+    def _loop(self, writer: SummaryWriter) -> None:
+        s = self.settings
+        bar = tqdm(total=s.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        for batch in self._loader():
+            losses = self.train_step(batch)
+            self.step += 1
+            bar.update(1)
+            if _every(self.step, s.log_every) or self.step == s.max_steps:
+                losses = loss_values(losses)
+                for k, v in losses.items():
+                    writer.add_scalar(f"train/loss_{k}", v, self.step)
+                writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+                bar.set_postfix(loss=f"{losses['total']:.4f}")
+            if _every(self.step, s.image_every):
+                self._log_images(writer)
+            if _every(self.step, s.ckpt_every) or self.step == s.max_steps:
+                self.save()
+            if self.validate is not None and _every(self.step, s.val_every):
+                for k, v in self.validate(self.model, self.step).items():
+                    writer.add_scalar(f"val/{k}", v, self.step)
+                self.model.train()
+        bar.close()

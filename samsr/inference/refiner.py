@@ -9,13 +9,15 @@ truncated, not rounded.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from samsr.device import autocast, parse_dtype, resolve_device, synchronize
+from samsr.device import autocast, backend_flags, parse_dtype, resolve_device, synchronize
 from samsr.inference.cascade import CascadeConfig, refine
 from samsr.models.crm import CRM
 
@@ -89,6 +91,13 @@ class Refiner:
         refine_s = t.get("call", 0.0) - t["sam"]
         return {"sam_ms": 1000 * t["sam"] / self.calls, "refine_ms": 1000 * refine_s / self.calls}
 
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        """Inference mode, autocast and the cascade's cuDNN/TF32 flags for one call."""
+        flags = backend_flags(self.cascade.cudnn_benchmark, self.cascade.tf32)
+        with flags, torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            yield
+
     def reset(self) -> None:
         """Clears the accumulated timings (e.g. between coarse sources)."""
         if self.timings is not None:
@@ -114,7 +123,7 @@ class Refiner:
         if extra is not None:
             extra = extra.to(self.device)
         self.calls += 1
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+        with self._context():
             return refine(
                 self.model, image_t, coarse_t, self.cascade, extra, self.timings, self.profile
             )
@@ -177,7 +186,7 @@ class Refiner:
         if self.timings is not None:
             synchronize(self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+        with self._context():
             prob = refine(
                 self.model, image_t, coarse_t, self.cascade, extra_t, self.timings, self.profile
             )
