@@ -9,6 +9,7 @@ rerun the same command to resume; split over GPUs with
 import sys
 
 from samsr.engine.precompute import main
+from samsr.errors import exit_on_error
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_error(main)())

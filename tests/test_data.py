@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,26 @@ def test_eval_dataset_resizes_coarse(tmp_path: Path) -> None:
     split, coarse = _big_split(tmp_path, coarse_hw=(30, 20))
     item = EvalDataset(split, coarse)[1]
     assert item["coarse"].shape == (50, 40) and set(np.unique(item["coarse"])) == {0, 255}
+
+
+def test_eval_dataset_logs_coarse_resize_once_per_source(tmp_path: Path, caplog) -> None:
+    split, coarse = _big_split(tmp_path, coarse_hw=(30, 20))  # images are 80x60 and 40x50
+    ds = EvalDataset(split, coarse, source="lowres")
+    with caplog.at_level(logging.WARNING, logger="samsr.data.train_dataset"):
+        for index in (0, 1, 0):
+            assert ds[index]["coarse"].shape[::-1] == ((80, 60), (40, 50))[index]
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    for part in ("'lowres'", "one_seg.png 20x30", "one_im.jpg 80x60", "bilinear", "INTER_LINEAR"):
+        assert part in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samsr.data.train_dataset"):
+        EvalDataset(split, coarse, source="other")[1]  # another source: its own warning
+        EvalDataset(*_big_split(tmp_path / "same"))[0]  # same sizes: nothing to say
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "coarse masks of source 'other' differ in size from their images"
+    ]
 
 
 def test_eval_dataset_gt_mismatch(tmp_path: Path) -> None:

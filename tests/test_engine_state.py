@@ -52,8 +52,41 @@ def test_missing_and_corrupt_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.pt"):
+    with pytest.raises(CheckpointError, match="bad.pt is not a PyTorch checkpoint: it is a text"):
         load_checkpoint(bad)
+
+
+def _truncated_zip(path):
+    torch.save({"w": torch.zeros(64)}, path)
+    path.write_bytes(path.read_bytes()[:300])  # an interrupted copy or download
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (
+            lambda p: p.write_text("model: crm\nsteps: 10\n"),
+            "it is a text file starting 'model: crm'",
+        ),
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (_truncated_zip, "is a damaged or truncated PyTorch checkpoint"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "it is an image"),
+        (lambda p: p.write_bytes(bytes(range(256)) * 4), "could not unpickle it: "),
+    ],
+    ids=["text", "empty", "truncated-zip", "image", "binary"],
+)
+def test_not_a_checkpoint_is_said_in_plain_words(tmp_path, recwarn, make, says):
+    path = tmp_path / "weights.pt"
+    make(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} ") and says in message
+    assert "scripts/train.py" in message and "model_45705" in message
+    assert "\n" not in message and len(message) < 400  # one line, not torch's essay
+    assert not recwarn.list  # nor torch's warnings about the "pickle" it tried
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
 
 
 def test_checkpoint_of_other_variant_refused(tmp_path):

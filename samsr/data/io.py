@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from samsr.errors import SamsrError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -31,7 +33,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 """File suffixes (lower case) recognised as images or masks."""
 
 
-class DataError(ValueError):
+class DataError(SamsrError, ValueError):
     """Bad or missing input data; the message names the file(s) and how to fix it."""
 
 

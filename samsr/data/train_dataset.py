@@ -5,6 +5,7 @@ See :mod:`samsr.data` for the sample dicts (the batch contract).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs
 from samsr.data.transforms import CropFlip, image_to_tensor, mask_to_tensor, photometric
 
 __all__ = ["EvalDataset", "RefinementTrainDataset"]
+
+log = logging.getLogger(__name__)
 
 ExtraLoader = Callable[[Pair, tuple[int, int]], np.ndarray]
 """``(pair, (H, W)) -> H x W x C`` uint8 map aligned with the image (e.g. a cached SAM map)."""
@@ -175,9 +178,10 @@ class RefinementTrainDataset(Dataset):
 class EvalDataset(Dataset):
     """Full-resolution evaluation items of a BIG-layout split (not batched).
 
-    A coarse mask of a different size than the image is resized to the image size (bilinear) and
-    binarised ``> 128``, the rule SPEC section 2 applies to predictions; a GT of a different size
-    raises.
+    A coarse mask of a different size than the image (e.g. a low-resolution segmentor's output) is
+    resized to the image size (bilinear, ``cv2.INTER_LINEAR``) and binarised ``> 128``, the rule
+    SPEC section 2 applies to predictions, with one logged warning per dataset (per source) naming
+    the first such file and the sizes; a GT of a different size raises.
 
     Args:
         split_dir: Folder with ``<name>_im.jpg`` + ``<name>_gt.png``.
@@ -203,6 +207,7 @@ class EvalDataset(Dataset):
         self.items: list[BigItem] = items if max_images is None else items[: int(max_images)]
         if not self.items:
             raise DataError(f"max_images={max_images} leaves no items in {self.split_dir}.")
+        self._resize_logged = False  # the coarse-mask resize is logged once per source
 
     def __len__(self) -> int:
         return len(self.items)
@@ -223,6 +228,20 @@ class EvalDataset(Dataset):
             )
         coarse = read_mask(item.coarse)
         if coarse.shape != (height, width):
+            if not self._resize_logged:
+                self._resize_logged = True
+                log.warning(
+                    "coarse masks of source '%s' differ in size from their images (first: %s "
+                    "%dx%d vs image %s %dx%d, WxH); resized to the image size (bilinear, "
+                    "cv2.INTER_LINEAR) and binarised > 128",
+                    self.source,
+                    item.coarse,
+                    coarse.shape[1],
+                    coarse.shape[0],
+                    item.image.name,
+                    width,
+                    height,
+                )
             resized = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
             coarse = np.where(resized > 128, np.uint8(255), np.uint8(0))
         return {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from samsr.engine.benchmark_data import Group, data_groups, synthetic_groups
+from samsr.errors import SamsrError, report_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -37,7 +38,7 @@ QUICKSTART_CKPTS = "outputs/quickstart/*/checkpoints/last.pt"
 WARMUP_SIZE = 256
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(SamsrError, ValueError):
     """Bad benchmark input (arguments, data, checkpoint); the message says how to fix it."""
 
 
@@ -458,14 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ckpt and --random-weights exclude each other")
     if args.coarse_dir and not args.data:
         parser.error("--coarse-dir needs --data")
-    from samsr.data.io import DataError
-    from samsr.engine.checkpoint import CheckpointError
-
     try:
         bench = run_benchmark(args, ["scripts/benchmark.py", *argv])
-    except (BenchmarkError, DataError, CheckpointError) as err:
-        print(f"benchmark.py: error: {err}", file=sys.stderr)
-        return 2
+    except SamsrError as err:  # BenchmarkError, DataError, CheckpointError, ConfigError
+        return report_error(err, "benchmark.py")
     from samsr.engine.benchmark_report import format_report
 
     print(format_report(bench))

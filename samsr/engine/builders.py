@@ -14,12 +14,13 @@ from torch import nn
 from samsr.data.train_dataset import EvalDataset
 from samsr.engine.checkpoint import CheckpointError, load_model_weights
 from samsr.engine.trainer import TrainSettings
+from samsr.errors import SamsrError
 from samsr.inference import CascadeConfig, Refiner
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SamsrError, ValueError):
     """A configuration value is missing or invalid."""
 
 
@@ -57,6 +58,7 @@ def load_pretrained(model: nn.Module, model_cfg: DictConfig, checkpoint_dir: str
     source = model_cfg.net.get("pretrained")
     if not source:
         return None
+    source = "imagenet" if source is True else source
     encoder = getattr(model, "encoder", None)
     if not hasattr(encoder, "load_imagenet"):
         raise ConfigError(

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 import samsr
+from samsr.errors import SamsrError
 
 CKPT_FORMAT = "samsr"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SamsrError, RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the model."""
 
 
@@ -96,16 +97,60 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file to CPU with a clear error when it is missing or unreadable."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass a file in it.")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path}. Train one with `python scripts/train.py` "
             "(checkpoints land in <run dir>/checkpoints/), or download the official CRM "
             "weights (model_45705) and pass their path; see checkpoints/README.md."
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    import warnings
+
+    try:  # torch warns about odd pickles before failing on them: shown only if it loads
+        with warnings.catch_warnings(record=True) as caught:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised in plain words, naming the file
+        # Say what the file is from its first bytes; torch's message is only the short reason.
+        try:
+            with path.open("rb") as f:
+                head: bytes | None = f.read(512)
+        except OSError:  # e.g. no read permission: torch failed the same way
+            head = None
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip()
+        detail = detail.splitlines()[0].split(". ")[0][:200] if detail else ""
+        reason = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+        start = (head or b"").decode("utf-8", "replace")
+        is_text = b"\x00" not in (head or b"\x00") and start.count("\ufffd") <= 1
+        is_text = is_text and all(c.isprintable() or c in "\t\r\n\ufffd" for c in start)
+        legacy_magic = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+        damaged = f"is a damaged or truncated PyTorch checkpoint ({reason}; copy it again)"
+        if head is None:
+            what = f"cannot be read ({reason})"
+        elif not head:
+            what = "is not a PyTorch checkpoint: the file is empty"
+        elif "Unsupported global" in reason:
+            what = f"holds pickled Python objects, not only tensors and containers ({reason})"
+        elif head.startswith(b"PK\x03\x04"):  # torch's zip format (torch >= 1.6)
+            zip_ok = b"data.pkl" in head
+            what = damaged if zip_ok else "is a zip archive, not a PyTorch checkpoint"
+        elif head.startswith(legacy_magic):  # torch's legacy (pre-zip) format
+            what = damaged
+        elif head.startswith((b"\x89PNG", b"\xff\xd8\xff")):
+            what = "is not a PyTorch checkpoint: it is an image"
+        elif is_text:
+            first_line = (start.strip().splitlines() or [""])[0][:60]
+            what = f"is not a PyTorch checkpoint: it is a text file starting {first_line!r}"
+        else:
+            what = f"is not a PyTorch checkpoint (could not unpickle it: {reason})"
+        raise CheckpointError(
+            f"{path} {what}; pass a .pt file written by scripts/train.py "
+            "(<run dir>/checkpoints/) or the official CRM weights (model_45705), see "
+            "checkpoints/README.md."
+        ) from err
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return ckpt
 
 
 INPUT_CONV_KEY = "encoder.conv1.weight"  # CRM's first conv: its input channels grow in SAM-SR v2

@@ -51,6 +51,7 @@ from samsr.data.sam_maps import (
     write_manifest,
     write_map,
 )
+from samsr.errors import report_error
 
 __all__ = [
     "ImageItem",
@@ -404,8 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         key = prepare_cache(args.out, manifest, overwrite=args.overwrite, info=info)
     except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     shard = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
     print(f"SAM maps{shard}: {len(items)} images -> {args.out}", file=sys.stderr)
     summary = precompute_maps(

@@ -56,6 +56,7 @@ from samsr.engine.precompute import (
     collect_images,
     run_per_image,
 )
+from samsr.errors import report_error
 
 __all__ = [
     "EMBEDDINGS_FORMAT",
@@ -363,8 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = embeddings_manifest(sam_type, encoder)
         prepare_embeddings_cache(args.out, manifest, overwrite=args.overwrite)
     except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     shard = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
     print(f"SAM embeddings{shard}: {len(items)} images -> {args.out} ({device})", file=sys.stderr)
     summary = precompute_embeddings(
