@@ -86,6 +86,11 @@ def test_training_from_scratch_stops_at_step_0_without_the_weights(tiny_cfg, tmp
     with pytest.raises(CheckpointError, match="missing.pth"):
         run_train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        cfg = tiny_cfg("train", [f"model.net.pretrained={text}"])
+        load_pretrained(build_model(cfg.model), cfg.model, str(tmp_path))
 
 
 def test_checkpoint_runs_never_touch_imagenet_weights(tiny_cfg, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from typing import Any, TypeVar
 
 import torch
@@ -67,7 +68,8 @@ def load_pretrained(model: nn.Module, model_cfg: DictConfig, checkpoint_dir: str
         )
     try:
         encoder.load_imagenet(str(source), search_dirs=[checkpoint_dir])
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        # missing, undownloadable, not a state dict, or not even a torch file
         raise CheckpointError(f"model.net.pretrained={source}: {err}") from err
     return str(source)
 
