@@ -90,3 +90,29 @@ def model():
                 mod.running_mean.uniform_(-0.2, 0.2)
                 mod.running_var.uniform_(0.5, 2.0)
     return m
+
+
+@pytest.fixture(scope="session")
+def device_under_test():
+    """The device of the GPU tier (tests marked ``gpu``): ``SAMSR_TEST_DEVICE``, default ``cuda``.
+
+    ``SAMSR_TEST_DEVICE=cpu python -m pytest -m gpu -q`` runs the tier on the CPU; a CUDA device
+    on a machine without CUDA skips it, saying why; a name that is not a device here fails.
+    """
+    import os
+
+    import torch
+
+    from samsr.device import resolve_device
+
+    name = os.environ.get("SAMSR_TEST_DEVICE", "cuda").strip() or "cuda"
+    if name.lower().startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip(
+            f"SAMSR_TEST_DEVICE={name} but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda}); run on a CUDA machine, or "
+            "set SAMSR_TEST_DEVICE=cpu to run the GPU tier on the CPU"
+        )
+    try:
+        return resolve_device(name)
+    except ValueError as err:  # a typo or a missing device is an error, not a skip
+        pytest.fail(f"SAMSR_TEST_DEVICE={name}: {err}", pytrace=False)
