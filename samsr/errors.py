@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 __all__ = [
+    "DataError",
     "EXIT_STATUS",
     "TRACEBACK_ENV",
     "SamsrError",
@@ -43,6 +44,14 @@ class SamsrError(Exception):
 
     The message says what is wrong and how to fix it; scripts print it as ``error: <message>``
     and exit with status 2 (see :func:`exit_on_error`).
+    """
+
+
+class DataError(SamsrError, ValueError):
+    """Bad or missing input data; the message names the file(s) and how to fix it.
+
+    Defined here (not in :mod:`samsr.data`) so that every package, guidance included, raises the
+    same error; ``samsr.data.io.DataError`` is this class.
     """
 
 

@@ -38,9 +38,9 @@ from samsr.engine.builders import (
 )
 from samsr.engine.data_stream import StreamSampler
 from samsr.engine.trainer import Trainer, TrainSettings
+from samsr.guidance import AmgConfig, SamRunner, build_tiny_sam, decode_mask
+from samsr.guidance.prompts import PromptConfig, sam_prompt_maps
 from samsr.inference import CascadeConfig, Refiner
-from samsr.inference.sam_prompts import PromptConfig, sam_prompt_maps
-from samsr.models.sam import AmgConfig, SamRunner, build_tiny_sam, decode_mask
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""The one uncompressed-RLE decoder (samsr.rle) against segment_anything's own encoder/decoder."""
+"""The one uncompressed-RLE decoder (samsr.guidance.rle) against segment_anything's own coder."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import torch
 from segment_anything.utils import amg
 
 from samsr.data.io import DataError
-from samsr.data.sam_maps import annotation_area, decode_annotation
-from samsr.models.sam import decode_mask, mask_area
-from samsr.rle import decode_rle, decode_rle_window, rle_area, rle_box, rle_counts, rle_size
+from samsr.guidance import annotation_area, decode_annotation, decode_mask, mask_area
+from samsr.guidance.rle import (
+    decode_rle,
+    decode_rle_window,
+    rle_area,
+    rle_box,
+    rle_counts,
+    rle_size,
+)
 
 
 def _masks() -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""samsr.models.sam: tiny SAM, cached-embedding runner, AMG settings, checkpoints, masks."""
+"""samsr.guidance build/runner/masks: tiny SAM, cached-embedding runner, AMG settings, masks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from segment_anything.utils.amg import mask_to_rle_pytorch
 
-from samsr.models.sam import (
+from samsr.guidance import (
     SAM_CHECKPOINTS,
     AmgConfig,
     SamRunner,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samsr.engine.checkpoint import CheckpointError, atomic_torch_save, load_model_weights
+from samsr.guidance import image_encoder
 from samsr.inference import CascadeConfig, refine
 from samsr.models.components.mask_injection import MaskAttention
 from samsr.models.components.sam_frame import (
@@ -31,8 +32,8 @@ WINDOW = 3  # v3.4's window: smaller than the grid, and not dividing it
 def _build(injection: str, seed: int = 0, window: int = WINDOW) -> SamCRM:
     torch.manual_seed(seed)
     return build_sam_crm(
+        image_encoder(tiny=True, tiny_img_size=IMG_SIZE, seed=0),
         injection,
-        sam={"tiny": True, "tiny_img_size": IMG_SIZE, "seed": 0},
         local_width=16,
         token_channels=8,
         heads=4,
@@ -256,7 +257,7 @@ def test_mask_attention_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="window"):
         MaskAttention(16, heads=4, window=0)
     with pytest.raises(ValueError, match="injection"):
-        build_sam_crm("cross", sam={"tiny": True, "tiny_img_size": 64})
+        build_sam_crm(image_encoder(tiny=True, tiny_img_size=64), "cross")
 
 
 # ------------------------------------------------------------------ checkpoints

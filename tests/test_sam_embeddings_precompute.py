@@ -22,7 +22,7 @@ from samsr.engine.precompute_embeddings import (
     precompute_embeddings_for_model,
     read_embeddings_manifest,
 )
-from samsr.models.sam import build_tiny_sam
+from samsr.guidance import build_tiny_sam
 from samsr.models.sam_crm import sam_embedding
 
 SIZES = [(64, 80), (96, 72), (70, 90), (48, 120)]

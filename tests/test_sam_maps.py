@@ -17,15 +17,12 @@ from samsr.data.sam_maps import (
     MANIFEST_NAME,
     SamMapLoader,
     check_manifest,
-    decode_annotation,
     load_map,
     make_manifest,
     manifest_key,
     map_is_current,
     map_name,
     map_path,
-    map_seed,
-    paint_sam_map,
     write_manifest,
     write_map,
 )
@@ -38,6 +35,7 @@ from samsr.engine.precompute import (
     precompute_maps,
     prepare_cache,
 )
+from samsr.guidance import decode_annotation, map_seed, paint_sam_map
 
 # --------------------------------------------------------------------------- helpers
 
@@ -84,7 +82,7 @@ def test_paint_small_over_large_and_gaps_black(as_rle):
 
 
 def test_paint_paths_agree_and_match_sam_decoder():
-    from samsr.models.sam import decode_mask
+    from samsr.guidance import decode_mask
 
     rng = np.random.default_rng(0)
     shape = (33, 47)
@@ -335,3 +333,39 @@ def test_bad_amg_override(dataset, tmp_path, capsys):
     assert main([*args, "--amg", "crop_overlap_ratio=2"]) == 2
     assert "crop_overlap_ratio" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c" / MANIFEST_NAME)
+
+
+def test_training_and_evaluation_maps_follow_one_rule(dataset, tmp_path):
+    # With AMG at a working size (amg.max_side), precompute (training) and the SAM-guided
+    # refiner (evaluation) paint at that size and resize with one rule (INTER_NEAREST_EXACT), so
+    # the maps agree on every pixel; the model's tiny-SAM seed reaches precompute too.
+    from samsr.engine.precompute import precompute_for_model
+    from samsr.guidance import AmgConfig, SamRunner, build_tiny_sam
+    from samsr.inference.sam_refiner import SamGuidedRefiner
+
+    amg = {"points_per_side": 4, "points_per_batch": 16, "pred_iou_thresh": 0.0,
+           "stability_score_thresh": 0.0, "max_side": 37}  # fmt: skip
+    sam_cfg = {"tiny": True, "seed": 3, "amg": amg}
+    assert precompute_for_model(sam_cfg, [str(dataset)], str(tmp_path / "c"), "cpu") == 0
+    cached = read_image(tmp_path / "c" / "tiny" / "img2_sam.png")  # a 70 x 90 image
+
+    class Spy:  # stands in for the CRM refiner: records the map it is given
+        device = "cpu"
+
+        def __call__(self, image, coarse, extra=None):
+            self.extra = extra
+            return coarse
+
+    spy = Spy()
+    image = read_image(dataset / "img2.jpg")
+    coarse = np.zeros(image.shape[:2], np.uint8)
+    guided = SamGuidedRefiner(
+        spy, SamRunner(build_tiny_sam(seed=3)), "samsr_v2_1", AmgConfig(**amg)
+    )
+    guided(image, coarse, name="tiny/img2")
+    assert spy.extra.shape == cached.shape and spy.extra.any()
+    np.testing.assert_array_equal(spy.extra, cached)
+    other = SamRunner(build_tiny_sam(seed=0))  # another seed paints another map
+    other.set_image(image, max_side=37)
+    seed = map_seed("tiny/img2")
+    assert not np.array_equal(paint_sam_map(other.generate(AmgConfig(**amg)), (70, 90), seed), cached)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samsr.inference.sam_prompts import (
+from samsr.guidance.prompts import (
     PromptConfig,
     grid_points,
     merge_predictions,

@@ -14,6 +14,7 @@ from samsr.data.layouts import Pair
 from samsr.data.sam_tokens import EMBEDDINGS_FORMAT, SamTokenLoader, crop_frame
 from samsr.data.synthetic import render_sample
 from samsr.data.transforms import CropFlip
+from samsr.guidance import image_encoder
 from samsr.models.components.sam_frame import valid_grid
 from samsr.models.sam_crm import build_sam_crm, sam_embedding
 
@@ -24,8 +25,8 @@ PATCH = 16
 def _model(injection: str = "window") -> torch.nn.Module:
     torch.manual_seed(0)
     return build_sam_crm(
+        image_encoder(tiny=True, tiny_img_size=IMG, seed=0),
         injection,
-        sam={"tiny": True, "tiny_img_size": IMG, "seed": 0},
         local_width=8,
         token_channels=8,
         heads=4,

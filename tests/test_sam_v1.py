@@ -1,4 +1,4 @@
-"""Tests for samsr.inference.sam_v1: v1 mask selection, gates and stats on hand-built masks."""
+"""Tests for samsr.guidance.v1: v1 mask selection, gates and stats on hand-built masks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from samsr.inference.sam_v1 import (
+from samsr.guidance.v1 import (
     V1Config,
     V1Decision,
     V1Stats,

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from samsr.errors import SamsrError
+from samsr.errors import DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -31,10 +31,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes (lower case) recognised as images or masks."""
-
-
-class DataError(SamsrError, ValueError):
-    """Bad or missing input data; the message names the file(s) and how to fix it."""
 
 
 def _check_exists(path: Path, what: str) -> None:

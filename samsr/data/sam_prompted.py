@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from samsr.inference.sam_prompts import PromptConfig, sam_prompt_maps
+from samsr.guidance.build import SamSettings
+from samsr.guidance.prompts import PromptConfig, sam_prompt_maps
 
 __all__ = ["SamPromptedDataset"]
 
@@ -27,16 +28,16 @@ class SamPromptedDataset(Dataset):
 
     Args:
         base: a dataset of ``{"image": 3xSxS, "coarse": 1xSxS, ...}`` samples in [0, 1].
-        sam_cfg: ``model.sam`` as a dict (``tiny``/``seed`` or ``type``/``checkpoint``).
+        sam: which SAM to build (``model.sam``).
         prompts: the prompt settings.
         device: where SAM runs (each worker process builds its own copy on first use).
     """
 
     def __init__(
-        self, base: Dataset, sam_cfg: dict[str, Any], prompts: PromptConfig, device: str = "cpu"
+        self, base: Dataset, sam: SamSettings, prompts: PromptConfig, device: str = "cpu"
     ) -> None:
         self.base = base
-        self.sam_cfg = dict(sam_cfg)
+        self.sam = sam
         self.prompts = prompts
         self.device = device
         self._runner: Any = None  # built lazily: picklable before the workers start
@@ -46,13 +47,10 @@ class SamPromptedDataset(Dataset):
 
     def _runner_for_worker(self) -> Any:
         if self._runner is None:
-            from samsr.models.sam import SamRunner, build_sam, build_tiny_sam
+            from samsr.guidance.build import build
+            from samsr.guidance.runner import SamRunner
 
-            if self.sam_cfg.get("tiny"):
-                sam = build_tiny_sam(seed=int(self.sam_cfg.get("seed", 0)))
-            else:
-                sam = build_sam(str(self.sam_cfg["type"]), str(self.sam_cfg["checkpoint"]))
-            self._runner = SamRunner(sam.to(self.device))
+            self._runner = SamRunner(build(self.sam, self.device))
         return self._runner
 
     def __getitem__(self, index: int) -> dict[str, Any]:

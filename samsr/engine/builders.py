@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from hydra.utils import instantiate
@@ -18,7 +19,11 @@ from samsr.engine.trainer import TrainSettings
 from samsr.errors import SamsrError
 from samsr.inference import CascadeConfig, Refiner
 
+if TYPE_CHECKING:
+    from samsr.guidance.build import SamSettings
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(SamsrError, ValueError):
@@ -36,12 +41,34 @@ def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = 
     net = OmegaConf.to_container(model_cfg.net, resolve=True)
     assert isinstance(net, dict)
     net.pop("pretrained", None)
+    _migrate_net_config(net)
     model = instantiate(net)
     if weights:
         # SAM-SR v1 runs an unchanged CRM: checkpoints of ``weights_name`` fit too
         also = (str(model_cfg.weights_name),) if model_cfg.get("weights_name") else ()
         load_model_weights(model, weights, model_name=model_cfg.get("name"), init=init, also=also)
     return model
+
+
+SAM_ENCODER_TARGET = "samsr.guidance.build.image_encoder"
+
+
+def _migrate_net_config(net: dict[str, Any]) -> None:
+    """Brings a stored ``model.net`` of an older samsr up to date, in place (with a warning).
+
+    SAM-SR v3 configs before samsr.guidance held SAM's settings in ``net.sam`` without a
+    ``_target_`` (the network built SAM itself); SAM's encoder is now built by
+    ``samsr.guidance.build.image_encoder`` from the same settings.
+    """
+    sam = net.get("sam")
+    v3 = str(net.get("_target_", "")).endswith("build_sam_crm")
+    if v3 and isinstance(sam, dict) and "_target_" not in sam:
+        log.warning(
+            "model.net.sam has no _target_ (a config written before samsr.guidance): "
+            "building SAM's encoder with %s from its settings",
+            SAM_ENCODER_TARGET,
+        )
+        net["sam"] = {"_target_": SAM_ENCODER_TARGET, **sam}
 
 
 def load_pretrained(model: nn.Module, model_cfg: DictConfig, checkpoint_dir: str) -> str | None:
@@ -100,12 +127,10 @@ def build_train_dataset(
     maps = model_cfg.get("sam_maps") if model_cfg is not None else None
     if model_cfg is not None and model_cfg.get("prompts"):  # SAM-SR v2.2: SAM per sample
         from samsr.data.sam_prompted import SamPromptedDataset
-        from samsr.inference.sam_prompts import PromptConfig
+        from samsr.guidance.prompts import PromptConfig
 
-        sam_cfg = OmegaConf.to_container(model_cfg.sam, resolve=True)
-        assert isinstance(sam_cfg, dict)
         prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
-        return SamPromptedDataset(instantiate(data_cfg.train), sam_cfg, prompts)
+        return SamPromptedDataset(instantiate(data_cfg.train), sam_settings(model_cfg.sam), prompts)
     if not maps:
         return instantiate(data_cfg.train)
     from samsr.data.sam_maps import SamMapLoader
@@ -148,6 +173,18 @@ def _token_loader(data_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
     return SamTokenLoader(cache, roots, sam_type, img_size, patch)
 
 
+def sam_settings(sam_cfg: DictConfig) -> SamSettings:
+    """The SAM of a model config's SAM node (``model.sam`` or ``model.net.sam``)."""
+    from samsr.guidance.build import SamSettings
+
+    values = OmegaConf.to_container(sam_cfg, resolve=True)
+    assert isinstance(values, dict)
+    try:
+        return SamSettings.from_mapping(values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid SAM settings {values}: {err}") from err
+
+
 def _settings(cls: type[T], node: DictConfig, where: str) -> T:
     """A settings dataclass from a config node; bad or unknown keys -> ConfigError naming it."""
     values = OmegaConf.to_container(node, resolve=True)
@@ -163,7 +200,7 @@ def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
 
     (The checkpoint file is not compared: training needs only the maps, not SAM itself.)
     """
-    from samsr.models.sam import AmgConfig
+    from samsr.guidance.runner import AmgConfig
 
     sam_cfg = model_cfg.sam
     amg_values = dataclasses.asdict(_settings(AmgConfig, sam_cfg.amg, "model.sam.amg"))
@@ -182,22 +219,20 @@ def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.dev
     sam_cfg = model_cfg.get("sam")
     if not sam_cfg:
         return refiner
+    from samsr.guidance.build import build
+    from samsr.guidance.runner import AmgConfig, SamRunner
     from samsr.inference.sam_refiner import SamGuidedRefiner
-    from samsr.models.sam import AmgConfig, SamRunner, build_sam, build_tiny_sam
 
     amg = _settings(AmgConfig, sam_cfg.amg, "model.sam.amg")
-    if sam_cfg.get("tiny"):
-        sam = build_tiny_sam(seed=int(sam_cfg.get("seed", 0))).to(device)
-    else:
-        sam = build_sam(str(sam_cfg.type), str(sam_cfg.checkpoint), device=device)
+    sam = build(sam_settings(sam_cfg), device)
     v1 = None
     if model_cfg.get("v1"):
-        from samsr.inference.sam_v1 import V1Config
+        from samsr.guidance.v1 import V1Config
 
         v1 = _settings(V1Config, model_cfg.v1, "model.v1")
     prompts = None
     if model_cfg.get("prompts"):
-        from samsr.inference.sam_prompts import PromptConfig
+        from samsr.guidance.prompts import PromptConfig
 
         prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
     name = str(model_cfg.name)

@@ -45,13 +45,13 @@ from samsr.data.sam_maps import (
     map_is_current,
     map_name,
     map_path,
-    map_seed,
-    paint_sam_map,
     read_manifest,
     write_manifest,
     write_map,
 )
 from samsr.errors import report_error
+from samsr.guidance.build import SamSettings
+from samsr.guidance.maps import map_seed, paint_sam_map
 
 __all__ = [
     "ImageItem",
@@ -317,6 +317,30 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     sam.add_argument("--sam-checkpoint", metavar="PATH", help="official SAM checkpoint (.pth)")
     sam.add_argument("--tiny-sam", action="store_true", help="random tiny SAM (tests only)")
     parser.add_argument("--sam-type", default="vit_h", choices=SAM_TYPES, help="SAM backbone")
+    parser.add_argument("--tiny-seed", type=int, default=0, help="tiny SAM weight seed")
+    parser.add_argument(
+        "--tiny-img-size", type=int, default=64, help="tiny SAM input side (multiple of 16)"
+    )
+
+
+def sam_settings(args: argparse.Namespace) -> SamSettings:
+    """The SAM the precompute flags name (``--sam-type/--sam-checkpoint`` or ``--tiny-sam``)."""
+    return SamSettings(
+        type=args.sam_type,
+        checkpoint=args.sam_checkpoint,
+        tiny=bool(args.tiny_sam),
+        seed=args.tiny_seed,
+        tiny_img_size=args.tiny_img_size,
+    )
+
+
+def sam_arguments(sam_cfg: Mapping[str, Any]) -> list[str]:
+    """The precompute flags of a model config's SAM node (``type``/``checkpoint`` or tiny)."""
+    settings = SamSettings.from_mapping(sam_cfg)
+    if settings.tiny:
+        size = str(settings.tiny_img_size)
+        return ["--tiny-sam", "--tiny-seed", str(settings.seed), "--tiny-img-size", size]
+    return ["--sam-type", settings.type, "--sam-checkpoint", str(settings.checkpoint)]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -373,7 +397,7 @@ _AMG_FLAGS = (
 
 def _amg_config(args: argparse.Namespace) -> Any:
     """An ``AmgConfig`` from the flags and ``--amg`` overrides (unknown keys -> DataError)."""
-    from samsr.models.sam import AmgConfig
+    from samsr.guidance.runner import AmgConfig
 
     overrides = dict(args.amg)
     overrides.update({k: getattr(args, k) for k in _AMG_FLAGS if getattr(args, k) is not None})
@@ -434,10 +458,7 @@ def precompute_for_model(
         The exit status of :func:`main`.
     """
     argv = ["--images", *roots, "--out", str(cache_dir), "--device", str(device)]
-    if sam_cfg.get("tiny"):
-        argv.append("--tiny-sam")
-    else:
-        argv += ["--sam-type", str(sam_cfg["type"]), "--sam-checkpoint", str(sam_cfg["checkpoint"])]
+    argv += sam_arguments(sam_cfg)
     for key, value in dict(sam_cfg["amg"]).items():
         argv += ["--amg", f"{key}={value!r}"]
     return main(argv)
@@ -446,14 +467,10 @@ def precompute_for_model(
 def _make_generator(args: argparse.Namespace, amg: Any) -> tuple[Generate, dict[str, float]]:
     """Builds SAM once; returns ``(image, name) -> AMG dicts`` and the runner's timings."""
     from samsr.device import resolve_device
-    from samsr.models.sam import SamRunner, build_sam, build_tiny_sam
+    from samsr.guidance.build import build
+    from samsr.guidance.runner import SamRunner
 
-    device = resolve_device(args.device)
-    if args.tiny_sam:
-        sam = build_tiny_sam().to(device)
-    else:
-        sam = build_sam(args.sam_type, args.sam_checkpoint, device)
-    runner = SamRunner(sam)
+    runner = SamRunner(build(sam_settings(args), resolve_device(args.device)))
 
     def generate(image: np.ndarray, name: str) -> list[dict[str, Any]]:
         runner.set_image(image, key=name, max_side=amg.max_side)

@@ -55,6 +55,8 @@ from samsr.engine.precompute import (
     add_run_arguments,
     collect_images,
     run_per_image,
+    sam_arguments,
+    sam_settings,
 )
 from samsr.errors import report_error
 
@@ -314,21 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
     )
     add_input_arguments(parser)
-    parser.add_argument("--tiny-seed", type=int, default=0, help="tiny SAM weight seed")
-    parser.add_argument(
-        "--tiny-img-size", type=int, default=64, help="tiny SAM input side (multiple of 16)"
-    )
     add_run_arguments(parser, "embedding")
     return parser
 
 
 def _build_encoder(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    from samsr.models.sam import build_sam, build_tiny_sam
+    from samsr.guidance.build import build
 
-    if args.tiny_sam:
-        sam = build_tiny_sam(seed=args.tiny_seed, img_size=args.tiny_img_size).to(device)
-    else:
-        sam = build_sam(args.sam_type, args.sam_checkpoint, device)
+    sam = build(sam_settings(args), device)
     encoder = sam.image_encoder.eval().requires_grad_(False)
     del sam  # the prompt encoder and mask decoder are not needed
     return encoder
@@ -399,27 +394,14 @@ def precompute_embeddings_for_model(
         The exit status of :func:`main` (2 without a checkpoint for a non-tiny SAM).
     """
     argv = ["--images", *map(str, roots), "--out", str(cache_dir), "--device", str(device)]
-    if sam_cfg.get("tiny"):
-        argv += [
-            "--tiny-sam",
-            "--tiny-seed", str(int(sam_cfg.get("seed", 0))),
-            "--tiny-img-size", str(int(sam_cfg.get("tiny_img_size", 64))),
-        ]  # fmt: skip
-    else:
-        checkpoint = sam_cfg.get("checkpoint")
-        if not checkpoint:
-            print(
-                "error: the SAM checkpoint is not set (model.net.sam.checkpoint): the official "
-                "SAM .pth file is needed to precompute embeddings.",
-                file=sys.stderr,
-            )
-            return 2
-        argv += [
-            "--sam-type",
-            str(sam_cfg.get("type", "vit_h")),
-            "--sam-checkpoint",
-            str(checkpoint),
-        ]
+    if not sam_cfg.get("tiny") and not sam_cfg.get("checkpoint"):
+        print(
+            "error: the SAM checkpoint is not set (model.net.sam.checkpoint): the official "
+            "SAM .pth file is needed to precompute embeddings.",
+            file=sys.stderr,
+        )
+        return 2
+    argv += sam_arguments(sam_cfg)
     if not progress:
         argv.append("--no-progress")
     return main(argv)

@@ -1,15 +1,15 @@
 """SAM-guided refinement at full resolution: SAM-SR v1 and v2.1 on top of a CRM :class:`Refiner`.
 
 Per image, SAM's image encoder and automatic mask generation (AMG) run once
-(:class:`samsr.models.sam.SamRunner`), then
+(:class:`samsr.guidance.SamRunner`), then
 
 * **v1**: the SAM masks the coarse mask covers enough are united and replace the coarse mask as
-  CRM's input, unless a gate says SAM would not help (:mod:`samsr.inference.sam_v1`);
+  CRM's input, unless a gate says SAM would not help (:mod:`samsr.guidance.v1`);
 * **v2.1**: the masks are painted into the area-sorted, randomly coloured RGB map
   (:func:`samsr.data.sam_maps.paint_sam_map`, seeded by the image name) that the 7-channel CRM takes
   as extra input;
 * **v2.2**: no AMG; sets of three grid points inside the coarse mask prompt SAM, and the
-  confidence-weighted merge of its masks is 2 extra channels (:mod:`samsr.inference.sam_prompts`).
+  confidence-weighted merge of its masks is 2 extra channels (:mod:`samsr.guidance.prompts`).
 
 SAM and refiner costs are timed apart (``last_times``; :meth:`report` gives their means), because
 the thesis reports them apart. With ``AmgConfig.max_side`` SAM sees a downscaled image: the
@@ -22,10 +22,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import cv2
 import numpy as np
 
 from samsr.device import synchronize
+from samsr.guidance.maps import map_seed, paint_sam_map, resize_nearest
 from samsr.inference.refiner import Refiner
 
 __all__ = ["SamGuidedRefiner"]
@@ -33,22 +33,16 @@ __all__ = ["SamGuidedRefiner"]
 VARIANTS = ("samsr_v1", "samsr_v2_1", "samsr_v2_2")
 
 
-def _resize_nearest(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if x.shape[:2] == hw:
-        return x
-    return cv2.resize(x, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
-
-
 class SamGuidedRefiner:
     """``(image, coarse, name) -> refined mask`` for SAM-SR v1 / v2.1.
 
     Args:
         refiner: the CRM refiner (4 input channels for v1, 7 for v2.1).
-        runner: the SAM runner (``samsr.models.sam.SamRunner``).
+        runner: the SAM runner (:class:`samsr.guidance.SamRunner`).
         variant: ``samsr_v1`` or ``samsr_v2_1``.
-        amg: ``samsr.models.sam.AmgConfig``.
-        v1: ``samsr.inference.sam_v1.V1Config`` (v1 only).
-        prompts: ``samsr.inference.sam_prompts.PromptConfig`` (v2.2 only).
+        amg: :class:`samsr.guidance.AmgConfig`.
+        v1: ``samsr.guidance.v1.V1Config`` (v1 only).
+        prompts: ``samsr.guidance.prompts.PromptConfig`` (v2.2 only).
     """
 
     takes_name = True  # the evaluator passes each image's name (v2.1 seeds its colours with it)
@@ -65,7 +59,7 @@ class SamGuidedRefiner:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
         if variant == "samsr_v1" and v1 is None:
-            from samsr.inference.sam_v1 import V1Config
+            from samsr.guidance.v1 import V1Config
 
             v1 = V1Config()
         self.refiner = refiner
@@ -74,7 +68,7 @@ class SamGuidedRefiner:
         self.amg = amg
         self.v1 = v1
         if variant == "samsr_v2_2" and prompts is None:
-            from samsr.inference.sam_prompts import PromptConfig
+            from samsr.guidance.prompts import PromptConfig
 
             prompts = PromptConfig()
         self.prompts = prompts
@@ -82,7 +76,7 @@ class SamGuidedRefiner:
         self._times: dict[str, list[float]] = {"sam_s": [], "refine_s": []}
         self._stats: Any = None
         if variant == "samsr_v1":
-            from samsr.inference.sam_v1 import V1Stats
+            from samsr.guidance.v1 import V1Stats
 
             self._stats = V1Stats()
 
@@ -106,8 +100,7 @@ class SamGuidedRefiner:
         self.runner.set_image(image, key=name or None, max_side=self.amg.max_side)
         extra = None
         if self.variant == "samsr_v2_2":  # point prompts, no AMG
-            from samsr.data.sam_maps import map_seed
-            from samsr.inference.sam_prompts import sam_prompt_maps
+            from samsr.guidance.prompts import sam_prompt_maps
 
             extra, _ = sam_prompt_maps(
                 self.runner.predict_points, coarse, self.prompts, map_seed(name)
@@ -116,17 +109,15 @@ class SamGuidedRefiner:
         anns = self.runner.generate(self.amg)
         sam_hw = self._sam_size(anns, hw)
         if self.variant == "samsr_v1":
-            from samsr.inference.sam_v1 import guided_coarse
+            from samsr.guidance.v1 import guided_coarse
 
-            small = _resize_nearest(coarse, sam_hw)
+            small = resize_nearest(coarse, sam_hw)
             guided, decision = guided_coarse(anns, small, self.v1)
             self._stats.update(decision)
             if decision.used:
-                coarse = _resize_nearest(guided, hw)
+                coarse = resize_nearest(guided, hw)
         else:
-            from samsr.data.sam_maps import map_seed, paint_sam_map
-
-            extra = _resize_nearest(paint_sam_map(anns, sam_hw, map_seed(name)), hw)
+            extra = paint_sam_map(anns, hw, map_seed(name))  # painted at sam_hw, resized to hw
         return self._refine(image, coarse, extra, t0)
 
     def _refine(
@@ -166,6 +157,6 @@ class SamGuidedRefiner:
         """Clears the accumulated times and counts (e.g. between coarse sources)."""
         self._times = {"sam_s": [], "refine_s": []}
         if self._stats is not None:
-            from samsr.inference.sam_v1 import V1Stats
+            from samsr.guidance.v1 import V1Stats
 
             self._stats = V1Stats()

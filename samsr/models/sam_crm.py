@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -325,26 +325,18 @@ def _ignore_missing_sam(module: nn.Module, keys: Any) -> None:
     keys.missing_keys[:] = [k for k in keys.missing_keys if SAM_PREFIX not in k]
 
 
-def _build_sam_encoder(sam: Mapping[str, Any]) -> tuple[nn.Module, str, int]:
-    from samsr.models.sam import build_sam, build_tiny_sam
+class SamImageEncoder(Protocol):
+    """What :func:`build_sam_crm` needs of SAM (``samsr.guidance.build.SamEncoder``, built by the
+    engine: this module never imports ``segment_anything``)."""
 
-    if sam.get("tiny"):
-        model = build_tiny_sam(
-            seed=int(sam.get("seed", 0)), img_size=int(sam.get("tiny_img_size", 64))
-        )
-        sam_type = "tiny"
-    else:
-        sam_type = str(sam.get("type", "vit_h"))
-        checkpoint = sam.get("checkpoint")
-        if not checkpoint:
-            raise ValueError("model.net.sam.checkpoint is not set: the official SAM .pth file.")
-        model = build_sam(sam_type, str(checkpoint))
-    return model.image_encoder, sam_type, int(model.prompt_encoder.embed_dim)
+    module: nn.Module  # SAM's ImageEncoderViT
+    sam_type: str  # tiny | vit_b | vit_l | vit_h, stored in checkpoints
+    token_dim: int  # channels of its embedding
 
 
 def build_sam_crm(
+    sam: SamImageEncoder,
     injection: str = "none",
-    sam: Mapping[str, Any] | None = None,
     local_width: int = 64,
     token_channels: int = 128,
     heads: int = 8,
@@ -356,9 +348,9 @@ def build_sam_crm(
     """Builds SAM-SR v3 from plain values.
 
     Args:
+        sam: SAM's image encoder with its type and token width (the ``model.net.sam`` node:
+            ``samsr.guidance.build.image_encoder`` of ``type``/``checkpoint`` or ``tiny``).
         injection: ``none`` (v3.1), ``add`` (v3.2), ``global`` (v3.3) or ``window`` (v3.4).
-        sam: ``type`` (vit_h | vit_l | vit_b) and ``checkpoint`` (official file), or
-            ``tiny: true`` (random tiny SAM; ``seed``, ``tiny_img_size``) for tests.
         local_width: channels of the shallow CNN.
         token_channels: channels of the projected SAM tokens fed to the fuser.
         heads: attention heads (v3.3, v3.4).
@@ -379,7 +371,7 @@ def build_sam_crm(
         )
     if injection == "window" and window < 1:
         raise ValueError(f"model.net.window must be >= 1 token, got {window}.")
-    encoder, sam_type, token_dim = _build_sam_encoder(dict(sam or {}))
+    encoder, sam_type, token_dim = sam.module, str(sam.sam_type), int(sam.token_dim)
     if injection in ("global", "window") and (heads < 1 or token_dim % heads):
         raise ValueError(
             f"model.net.heads={heads} must divide SAM's {token_dim} token channels (e.g. 8)."

@@ -1,15 +1,4 @@
-"""Segment Anything (SAM): building, a cached-embedding runner, automatic masks and their decoding.
-
-The ONLY module of samsr that imports the official ``segment_anything`` package; everything SAM
-related (networks, predictor, automatic mask generator, RLE utilities) comes from it unchanged.
-
-* :func:`build_sam` builds ViT-H/L/B and loads a local official checkpoint (:data:`SAM_CHECKPOINTS`
-  says which file and where to download it). :func:`build_tiny_sam` builds a tiny random SAM from
-  the library's own classes for tests.
-* :class:`SamRunner` encodes an image once (``set_image``) and reuses that embedding for automatic
-  mask generation (``generate``, the library's ``SamAutomaticMaskGenerator``) and for point prompts
-  (``predict_points``).
-* :func:`decode_mask` / :func:`mask_area` read any AMG output format.
+"""SAM one image at a time: encode once, then automatic masks and point prompts from that embedding.
 
 Frames: ``set_image(image, max_side=m)`` encodes the *working image*: the input downscaled
 (INTER_AREA) so that its long side is at most ``m`` (the image itself when ``m`` is None or not
@@ -26,159 +15,17 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from samsr.rle import decode_rle, rle_area
-
-__all__ = [
-    "SAM_CHECKPOINTS",
-    "AmgConfig",
-    "SamRunner",
-    "build_sam",
-    "build_tiny_sam",
-    "decode_mask",
-    "mask_area",
-]
-
-_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-SAM_CHECKPOINTS: dict[str, tuple[str, str]] = {
-    name: (file, _URL + file)
-    for name, file in (
-        ("vit_h", "sam_vit_h_4b8939.pth"),
-        ("vit_l", "sam_vit_l_0b3195.pth"),
-        ("vit_b", "sam_vit_b_01ec64.pth"),
-    )
-}
-"""Model type -> (official checkpoint file name, official download URL)."""
+__all__ = ["OUTPUT_MODES", "AmgConfig", "SamRunner"]
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
-
-
-def build_sam(model_type: str, checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam:
-    """Builds an official SAM and loads its weights from a local checkpoint file.
-
-    Args:
-        model_type: ``vit_h``, ``vit_l`` or ``vit_b``.
-        checkpoint: Local path of the official ``.pth`` file (see :data:`SAM_CHECKPOINTS`).
-        device: Where the model goes after loading on the CPU.
-
-    Returns:
-        The model in eval mode; embeddings are 1 x 256 x 64 x 64 for a 1024 px input.
-
-    Raises:
-        ValueError: Unknown ``model_type``, or a file that is not a ``model_type`` state dict.
-        FileNotFoundError: ``checkpoint`` does not exist (the message says where to download it).
-    """
-    if model_type not in SAM_CHECKPOINTS:
-        raise ValueError(
-            f"Unknown SAM model_type {model_type!r}; valid: {', '.join(sorted(SAM_CHECKPOINTS))}."
-        )
-    file_name, url = SAM_CHECKPOINTS[model_type]
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"SAM checkpoint not found: {path}. It should be the official {model_type} file "
-            f"{file_name}; download it from {url} (e.g. `wget {url} -O {path}`)."
-        )
-    hint = f"expected the official {model_type} checkpoint {file_name} from {url}"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"Could not read SAM checkpoint {path} ({err}); {hint}.") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a state dict (got {type(state).__name__}); {hint}.")
-    with torch.device("meta"):  # the key/shape check costs no weight initialisation
-        expected = sam_model_registry[model_type](checkpoint=None).state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        k
-        for k in set(expected) & set(state)
-        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        other = [t for t, (f, _) in SAM_CHECKPOINTS.items() if f == path.name and t != model_type]
-        if other:
-            hint += f" (the file name is that of {other[0]}: pass model_type={other[0]!r})"
-        raise ValueError(
-            f"{path} does not match SAM {model_type}: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} of wrong shape "
-            f"{wrong[:3]}; {hint}."
-        )
-    sam = sam_model_registry[model_type](checkpoint=None)
-    sam.load_state_dict(state, strict=True)
-    return sam.to(device).eval()
-
-
-def build_tiny_sam(seed: int = 0, img_size: int = 64, embed_dim: int = 32) -> Sam:
-    """Builds a tiny SAM with random weights from the library's own classes, for tests.
-
-    ViT encoder of depth 2 (a windowed block, then a global one), 2 heads, patch 16; prompt and mask
-    decoder width ``embed_dim``; two-way transformer of depth 2. The same ``seed`` gives identical
-    weights; the global torch RNG is left untouched.
-
-    Args:
-        seed: Seed of the weight initialisation.
-        img_size: Encoder input side (a multiple of 16); SamPredictor resizes images to it.
-        embed_dim: Width of the encoder, prompts and decoder (a multiple of 8).
-
-    Returns:
-        The model in eval mode on the CPU; its image embedding is
-        1 x embed_dim x (img_size // 16) x (img_size // 16), 1 x 32 x 4 x 4 by default.
-    """
-    if img_size < 16 or img_size % 16:
-        raise ValueError(f"img_size must be a positive multiple of 16 (the patch), got {img_size}.")
-    if embed_dim < 8 or embed_dim % 8:
-        raise ValueError(f"embed_dim must be a positive multiple of 8, got {embed_dim}.")
-    grid = img_size // 16
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=img_size,
-                patch_size=16,
-                embed_dim=embed_dim,
-                depth=2,
-                num_heads=2,
-                mlp_ratio=2.0,
-                out_chans=embed_dim,
-                qkv_bias=True,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                use_rel_pos=True,
-                window_size=2,
-                global_attn_indexes=(1,),
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=embed_dim,
-                image_embedding_size=(grid, grid),
-                input_image_size=(img_size, img_size),
-                mask_in_chans=8,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(
-                    depth=2, embedding_dim=embed_dim, mlp_dim=2 * embed_dim, num_heads=2
-                ),
-                transformer_dim=embed_dim,
-                iou_head_depth=2,
-                iou_head_hidden_dim=embed_dim,
-            ),
-        )
-    return sam.eval()
 
 
 @dataclass(frozen=True)
@@ -505,45 +352,3 @@ class SamRunner:
         _sync(self.sam.device)
         self.timings["prompt"] += time.perf_counter() - t0
         return mask.astype(bool), float(iou[0])
-
-
-def _segmentation(ann: dict[str, Any]) -> Any:
-    return ann.get("segmentation", ann)
-
-
-def _pycocotools_mask() -> Any:
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError as err:
-        raise ImportError(
-            "Decoding a 'coco_rle' SAM mask needs pycocotools: pip install pycocotools "
-            "(or generate with AmgConfig(output_mode='uncompressed_rle'))."
-        ) from err
-    return mask_utils
-
-
-def decode_mask(ann: dict[str, Any]) -> np.ndarray:
-    """H x W bool mask of an AMG record (or of its ``segmentation``), in any output mode."""
-    seg = _segmentation(ann)
-    if isinstance(seg, np.ndarray):
-        if seg.ndim != 2:
-            raise ValueError(f"A binary_mask segmentation must be H x W, got {seg.shape}.")
-        return seg.astype(bool, copy=False)
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if isinstance(seg["counts"], str | bytes):  # coco_rle
-            return _pycocotools_mask().decode(seg).astype(bool)
-        return decode_rle(seg)
-    raise ValueError(
-        "Not a SAM mask: expected a record whose 'segmentation' is an H x W array or an RLE dict "
-        f"with 'size' and 'counts', got {type(seg).__name__}."
-    )
-
-
-def mask_area(ann: dict[str, Any]) -> int:
-    """Number of foreground pixels of an AMG record (or of its ``segmentation``)."""
-    seg = _segmentation(ann)
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if isinstance(seg["counts"], str | bytes):
-            return int(_pycocotools_mask().area(seg))
-        return rle_area(seg)
-    return int(np.count_nonzero(decode_mask(ann)))

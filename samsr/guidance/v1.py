@@ -15,7 +15,7 @@ Memory: images can be 6000 x 4000 with ~900 masks, so masks are decoded one at a
 work is limited to each mask's bounding box (see :func:`select_and_union`); apart from the
 caller's annotations, at most one decoded mask, the union and the coarse mask are alive at once.
 Everything here is numpy/OpenCV on the CPU and never imports ``segment_anything``
-(``samsr.models.sam`` does).
+(``samsr.guidance.build`` and ``samsr.guidance.runner`` do).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from samsr.rle import decode_rle, decode_rle_window, rle_box, rle_counts, rle_size
+from samsr.guidance.rle import decode_rle, decode_rle_window, rle_box, rle_counts, rle_size
 
 __all__ = [
     "REASONS",
