@@ -34,6 +34,7 @@ from samsr.engine.builders import (
     build_model,
     build_refiner,
     build_train_dataset,
+    build_train_guidance,
     prepare_data,
 )
 from samsr.engine.data_stream import StreamSampler
@@ -108,6 +109,7 @@ def test_three_training_steps_on_device(device_under_test, tmp_path, model, amp)
         run_dir=tmp_path / "run",
         device=device,
         model_name=str(cfg.model.name),
+        guidance=build_train_guidance(cfg.model, device),  # SAM-SR v2.2: SAM on the device
     )
     scaler_on = trainer.scaler.is_enabled()
     assert scaler_on == (device.type == "cuda" and amp == "float16")

@@ -232,3 +232,22 @@ def test_build_sam_round_trip_vit_b(tmp_path):
     assert all(torch.equal(v, sam.state_dict()[k]) for k, v in ref.state_dict().items())
     with pytest.raises(ValueError, match="model_type='vit_b'"):
         build_sam("vit_l", path)
+
+
+def test_batched_encoding_prompts_like_set_image():
+    # encode_batch runs set_image's preprocessing with one batched encoder call; a selected image
+    # answers point prompts as if it had been set alone
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(3)]
+    batched, single = SamRunner(build_tiny_sam(seed=2)), SamRunner(build_tiny_sam(seed=2))
+    pins = batched.encode_batch(images)
+    points, labels = np.array([[10.0, 20.0], [25.0, 30.0]]), np.array([1, 1])
+    for image, pin in zip(images, pins):
+        batched.select(pin)
+        single.set_image(image)
+        assert batched.image_size == single.image_size == (48, 40)
+        mask_b, iou_b = batched.predict_points(points, labels)
+        mask_s, iou_s = single.predict_points(points, labels)
+        assert np.mean(mask_b == mask_s) > 0.999 and abs(iou_b - iou_s) < 1e-4
+    with pytest.raises(ValueError, match="same-size"):
+        batched.encode_batch([images[0], images[0][:20]])

@@ -71,18 +71,26 @@ def test_v2_2_trains_with_per_sample_prompts_and_evaluates(tiny_cfg, tmp_path):
         assert m["num_images"] == 2 and m["sam_ms"] > 0 and m["refine_ms"] > 0
 
 
-def test_v2_2_samples_carry_prompt_maps(tiny_cfg):
-    from samsr.engine.builders import build_train_dataset, prepare_data
+def test_v2_2_batches_get_prompt_maps_on_the_training_device(tiny_cfg):
+    import torch
+    from torch.utils.data import default_collate
+
+    from samsr.engine.builders import build_train_dataset, build_train_guidance, prepare_data
 
     cfg = tiny_cfg("train", ["model=samsr_v2_2", *SAM_TINY])
     prepare_data(cfg.data)
     data = build_train_dataset(cfg.data, cfg.model)
-    sample = data[0]
-    extra = sample["extra"]
-    assert extra.shape == (2, *sample["image"].shape[1:])
+    guidance = build_train_guidance(cfg.model, torch.device("cpu"))
+    batch = default_collate([data[0], data[1]])
+    assert "extra" not in batch  # no SAM in the data workers
+    extra = guidance(batch["image"], batch["coarse"])
+    assert extra.shape == (2, 2, *batch["image"].shape[2:])
     assert float(extra.min()) >= 0 and float(extra.max()) <= 1
-    again = data[0]["extra"]
-    assert bool((again == extra).all())  # same sample, same prompts
+    assert extra.amax() > 0  # prompts inside the coarse masks gave SAM masks
+    again = guidance(batch["image"], batch["coarse"])
+    assert bool((again == extra).all())  # same samples, same prompts
+    alone = guidance(batch["image"][1:], batch["coarse"][1:])  # batching changes nothing
+    torch.testing.assert_close(alone, extra[1:], atol=1 / 255 + 1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["samsr_v3_1", "samsr_v3_2", "samsr_v3_3", "samsr_v3_4"])

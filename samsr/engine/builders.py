@@ -125,12 +125,6 @@ def build_train_dataset(
     if loader is not None:  # SAM-SR v3, cached training scheme
         return instantiate(data_cfg.train, side_loader=loader)
     maps = model_cfg.get("sam_maps") if model_cfg is not None else None
-    if model_cfg is not None and model_cfg.get("prompts"):  # SAM-SR v2.2: SAM per sample
-        from samsr.data.sam_prompted import SamPromptedDataset
-        from samsr.guidance.prompts import PromptConfig
-
-        prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
-        return SamPromptedDataset(instantiate(data_cfg.train), sam_settings(model_cfg.sam), prompts)
     if not maps:
         return instantiate(data_cfg.train)
     from samsr.data.sam_maps import SamMapLoader
@@ -212,6 +206,18 @@ def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
 def train_settings(trainer_cfg: DictConfig) -> TrainSettings:
     """The training-loop settings of ``trainer`` (bad or unknown keys: ConfigError)."""
     return _settings(TrainSettings, trainer_cfg, "trainer")
+
+
+def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> Any:
+    """What the trainer runs on each batch on its device (SAM-SR v2.2's prompt maps), or None."""
+    if not model_cfg.get("prompts"):
+        return None
+    from samsr.guidance.build import build
+    from samsr.guidance.prompts import BatchPromptMaps, PromptConfig
+    from samsr.guidance.runner import SamRunner
+
+    prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
+    return BatchPromptMaps(SamRunner(build(sam_settings(model_cfg.sam), device)), prompts)
 
 
 def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.device) -> Any:

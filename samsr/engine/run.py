@@ -22,6 +22,7 @@ from samsr.engine.builders import (
     build_refiner,
     build_sam_refiner,
     build_train_dataset,
+    build_train_guidance,
     cascade_config,
     load_pretrained,
     prepare_data,
@@ -163,6 +164,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         config=to_container(cfg),
         model_name=str(cfg.model.name),
         validate=validate,
+        guidance=build_train_guidance(cfg.model, device),
     )
     if cfg.get("resume"):
         trainer.resume(cfg.resume)

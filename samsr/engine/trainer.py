@@ -81,6 +81,8 @@ class Trainer:
         config: resolved config stored in each checkpoint.
         model_name: stored in checkpoints so a checkpoint refuses another variant.
         validate: optional ``(model, step) -> {metric: value}`` called every ``val_every`` steps.
+        guidance: optional ``(image, coarse) -> extra`` run on the training device for every
+            batch (B x 3 x S x S, B x 1 x S x S -> B x E x S x S): SAM-SR v2.2's prompt maps.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Trainer:
         config: dict[str, Any] | None = None,
         model_name: str = "crm",
         validate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+        guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model.to(device)
         self.loss_fn = loss_fn.to(device)
@@ -112,6 +115,7 @@ class Trainer:
         self.config = config or {}
         self.model_name = model_name
         self.validate = validate
+        self.guidance = guidance
         self.step = 0
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -179,7 +183,9 @@ class Trainer:
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
         args = [image, coarse]
-        if batch.get("extra") is not None:
+        if self.guidance is not None:  # SAM-SR v2.2: SAM on this device, batched
+            args.append(self.guidance(image, coarse))
+        elif batch.get("extra") is not None:
             args.append(batch["extra"].to(self.device, non_blocking=True))
         kwargs = {}
         if batch.get("sam_tokens") is not None:  # SAM-SR v3, cached training scheme

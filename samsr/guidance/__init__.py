@@ -35,7 +35,7 @@ _EXPORTS = {
     "masks": ("decode_mask", "mask_area"),
     "maps": ("COLOUR_RANGE", "annotation_area", "decode_annotation", "map_seed",
              "paint_sam_map", "resize_nearest"),
-    "prompts": ("PromptConfig", "grid_points", "merge_predictions", "point_sets",
+    "prompts": ("BatchPromptMaps", "PromptConfig", "grid_points", "merge_predictions", "point_sets",
                 "sam_prompt_maps"),
     "v1": ("V1Config", "V1Decision", "V1Stats", "guided_coarse", "select_and_union"),
 }  # fmt: skip

@@ -14,12 +14,26 @@ Both become CRM's two extra input channels (6 in all with image and coarse mask)
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from torch import Tensor
 
-__all__ = ["PromptConfig", "grid_points", "merge_predictions", "point_sets", "sam_prompt_maps"]
+if TYPE_CHECKING:
+    from samsr.guidance.runner import SamRunner
+
+__all__ = [
+    "BatchPromptMaps",
+    "PromptConfig",
+    "grid_points",
+    "merge_predictions",
+    "point_sets",
+    "sam_prompt_maps",
+]
 
 Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 """``(points N x 2 (x, y), labels N) -> (H x W bool mask, predicted IoU)``."""
@@ -153,3 +167,48 @@ def sam_prompt_maps(
     merged, confidence = merge_predictions(preds, fg.shape)
     out = np.stack([merged, confidence], axis=-1)
     return np.round(out * 255).astype(np.uint8), len(sets)
+
+
+def _to_uint8(t: Tensor) -> np.ndarray:
+    """[0, 1] floats -> uint8 numpy on the host, rounded (as the images were saved)."""
+    return (t.detach().float() * 255).round().to(torch.uint8).cpu().numpy()
+
+
+class BatchPromptMaps:
+    """SAM-SR v2.2's extra channels for a training batch, computed on the training device.
+
+    The prompts depend on each sample's (randomly synthesised) coarse mask, so they cannot be
+    precomputed: every step, the batch's crops go through SAM's image encoder in one call, then
+    each crop's point sets through the prompt decoder (one call per set), all on SAM's device in
+    the training process (no SAM copy in the data workers). Each sample is seeded by its coarse
+    mask's bytes, so a resumed run repeats the same prompts.
+
+    Args:
+        runner: SAM (on the training device).
+        cfg: the prompt settings.
+    """
+
+    def __init__(self, runner: SamRunner, cfg: PromptConfig) -> None:
+        self.runner = runner
+        self.cfg = cfg
+
+    def __call__(self, image: Tensor, coarse: Tensor) -> Tensor:
+        """Maps of a batch.
+
+        Args:
+            image: B x 3 x S x S RGB in [0, 1].
+            coarse: B x 1 x S x S coarse mask in [0, 1].
+
+        Returns:
+            B x 2 x S x S float32 in [0, 1] (merged mask, confidence), on ``image``'s device.
+        """
+        images = list(_to_uint8(image.permute(0, 2, 3, 1)))
+        coarses = list(_to_uint8(coarse[:, 0]))
+        maps = []
+        with torch.inference_mode():
+            for pin, mask in zip(self.runner.encode_batch(images), coarses):
+                self.runner.select(pin)
+                seed = zlib.crc32(np.ascontiguousarray(mask).tobytes())
+                maps.append(sam_prompt_maps(self.runner.predict_points, mask, self.cfg, seed)[0])
+        out = torch.from_numpy(np.stack(maps)).to(image.device, non_blocking=True)
+        return out.permute(0, 3, 1, 2).float().div(255)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +117,10 @@ class AmgConfig:
         return kwargs
 
 
+_Pin = tuple[np.ndarray, torch.Tensor, tuple[int, ...], tuple[int, ...]]
+"""(image, its 1 x C x h x w embedding, original size, input size): one encoded image."""
+
+
 class _PinnedPredictor(SamPredictor):
     """SamPredictor that keeps the embedding of one pinned image.
 
@@ -126,7 +131,7 @@ class _PinnedPredictor(SamPredictor):
 
     def __init__(self, sam_model: Sam) -> None:
         super().__init__(sam_model)
-        self._pin: tuple[np.ndarray, torch.Tensor, tuple[int, ...], tuple[int, ...]] | None = None
+        self._pin: _Pin | None = None
 
     def pin(self, image: np.ndarray) -> None:
         """Encodes ``image`` (H x W x 3 uint8 RGB) and keeps its embedding."""
@@ -241,6 +246,49 @@ class SamRunner:
         self.predictor.pin(self._work)
         _sync(self.sam.device)
         self.timings["encode"] += time.perf_counter() - t0
+
+    def encode_batch(self, images: Sequence[np.ndarray]) -> list[_Pin]:
+        """Encodes several same-size images in one image-encoder call (training batches).
+
+        Each image goes through exactly ``set_image``'s preprocessing (resize to SAM's side,
+        normalise, pad); only the encoder runs batched. Make one current with :meth:`select`.
+
+        Args:
+            images: H x W x 3 uint8 RGB arrays, all of one size, at full resolution.
+
+        Returns:
+            One embedding per image, for :meth:`select`.
+        """
+        if not images:
+            return []
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1 or any(im.dtype != np.uint8 or im.ndim != 3 for im in images):
+            raise ValueError(f"encode_batch needs same-size H x W x 3 uint8 images, got {shapes}.")
+        transform = self.predictor.transform
+        device = self.sam.device
+        batch = []
+        for im in images:
+            x = torch.as_tensor(transform.apply_image(im), device=device)
+            batch.append(self.sam.preprocess(x.permute(2, 0, 1).contiguous()[None]))
+        resized = transform.get_preprocess_shape(*images[0].shape[:2], transform.target_length)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            features = self.sam.image_encoder(torch.cat(batch))
+        _sync(device)
+        self.timings["encode"] += time.perf_counter() - t0
+        size = tuple(images[0].shape[:2])
+        return [(im, features[i : i + 1], size, tuple(resized)) for i, im in enumerate(images)]
+
+    def select(self, pin: _Pin) -> None:
+        """Makes an image of :meth:`encode_batch` the current one (no encoder call)."""
+        image = pin[0]
+        self.reset()
+        self.predictor._pin = pin
+        self.predictor.restore()
+        self._image = self._work = image
+        self._ident = ("batch", id(pin), image.shape)
+        self._max_side, self._scale = None, 1.0
 
     def reset(self) -> None:
         """Forgets the current image and frees its embedding."""
