@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import pickle
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -42,12 +43,34 @@ def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = 
     assert isinstance(net, dict)
     net.pop("pretrained", None)
     _migrate_net_config(net)
+    _check_keys(net, f"model.net (model={model_cfg.get('name')})")
     model = instantiate(net)
     if weights:
         # SAM-SR v1 runs an unchanged CRM: checkpoints of ``weights_name`` fit too
         also = (str(model_cfg.weights_name),) if model_cfg.get("weights_name") else ()
         load_model_weights(model, weights, model_name=model_cfg.get("name"), init=init, also=also)
     return model
+
+
+def _check_keys(node: dict[str, Any], where: str) -> None:
+    """Every key of a ``_target_`` node must be a parameter of its target (ConfigError naming
+    the stray key otherwise, e.g. a CRM setting such as ``backbone`` under a SAM-SR v3 model)."""
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return
+    try:
+        params = inspect.signature(get_method(target)).parameters
+    except (ValueError, TypeError, ImportError, AttributeError):
+        return  # not introspectable: instantiate reports what goes wrong
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    stray = sorted(k for k in node if not k.startswith("_") and k not in params)
+    if stray:
+        valid = ", ".join(k for k in params if not k.startswith("_"))
+        raise ConfigError(
+            f"{where}: {', '.join(stray)} not a setting of {target} (valid: {valid}); remove "
+            "it or pick another model."
+        )
 
 
 SAM_ENCODER_TARGET = "samsr.guidance.build.image_encoder"
@@ -212,12 +235,13 @@ def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> Any:
     """What the trainer runs on each batch on its device (SAM-SR v2.2's prompt maps), or None."""
     if not model_cfg.get("prompts"):
         return None
-    from samsr.guidance.build import build
+    from samsr.guidance.build import build_from_settings
     from samsr.guidance.prompts import BatchPromptMaps, PromptConfig
     from samsr.guidance.runner import SamRunner
 
     prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
-    return BatchPromptMaps(SamRunner(build(sam_settings(model_cfg.sam), device)), prompts)
+    sam = build_from_settings(sam_settings(model_cfg.sam), device)
+    return BatchPromptMaps(SamRunner(sam), prompts)
 
 
 def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.device) -> Any:
@@ -225,12 +249,12 @@ def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.dev
     sam_cfg = model_cfg.get("sam")
     if not sam_cfg:
         return refiner
-    from samsr.guidance.build import build
+    from samsr.guidance.build import build_from_settings
     from samsr.guidance.runner import AmgConfig, SamRunner
     from samsr.inference.sam_refiner import SamGuidedRefiner
 
     amg = _settings(AmgConfig, sam_cfg.amg, "model.sam.amg")
-    sam = build(sam_settings(sam_cfg), device)
+    sam = build_from_settings(sam_settings(sam_cfg), device)
     v1 = None
     if model_cfg.get("v1"):
         from samsr.guidance.v1 import V1Config

@@ -467,10 +467,10 @@ def precompute_for_model(
 def _make_generator(args: argparse.Namespace, amg: Any) -> tuple[Generate, dict[str, float]]:
     """Builds SAM once; returns ``(image, name) -> AMG dicts`` and the runner's timings."""
     from samsr.device import resolve_device
-    from samsr.guidance.build import build
+    from samsr.guidance.build import build_from_settings
     from samsr.guidance.runner import SamRunner
 
-    runner = SamRunner(build(sam_settings(args), resolve_device(args.device)))
+    runner = SamRunner(build_from_settings(sam_settings(args), resolve_device(args.device)))
 
     def generate(image: np.ndarray, name: str) -> list[dict[str, Any]]:
         runner.set_image(image, key=name, max_side=amg.max_side)

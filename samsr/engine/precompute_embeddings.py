@@ -321,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build_encoder(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    from samsr.guidance.build import build
+    from samsr.guidance.build import build_from_settings
 
-    sam = build(sam_settings(args), device)
+    sam = build_from_settings(sam_settings(args), device)
     encoder = sam.image_encoder.eval().requires_grad_(False)
     del sam  # the prompt encoder and mask decoder are not needed
     return encoder

@@ -165,6 +165,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         model_name=str(cfg.model.name),
         validate=validate,
         guidance=build_train_guidance(cfg.model, device),
+        writer_factory=instantiate(cfg.logger),
     )
     if cfg.get("resume"):
         trainer.resume(cfg.resume)

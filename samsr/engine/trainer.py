@@ -83,6 +83,8 @@ class Trainer:
         validate: optional ``(model, step) -> {metric: value}`` called every ``val_every`` steps.
         guidance: optional ``(image, coarse) -> extra`` run on the training device for every
             batch (B x 3 x S x S, B x 1 x S x S -> B x E x S x S): SAM-SR v2.2's prompt maps.
+        writer_factory: ``(log_dir=..., purge_step=...) -> SummaryWriter`` (the ``logger``
+            config); default TensorBoard's ``SummaryWriter``.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Trainer:
         model_name: str = "crm",
         validate: Callable[[nn.Module, int], dict[str, float]] | None = None,
         guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        writer_factory: Callable[..., SummaryWriter] = SummaryWriter,
     ) -> None:
         self.model = model.to(device)
         self.loss_fn = loss_fn.to(device)
@@ -116,6 +119,7 @@ class Trainer:
         self.model_name = model_name
         self.validate = validate
         self.guidance = guidance
+        self.writer_factory = writer_factory
         self.step = 0
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -215,7 +219,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train until ``max_steps``; returns the last checkpoint's path."""
         s = self.settings
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
+        log_dir = str(self.run_dir / "tensorboard")
+        writer = self.writer_factory(log_dir=log_dir, purge_step=self.step + 1)
         try:
             with backend_flags(s.cudnn_benchmark, s.tf32):
                 self._loop(writer)

@@ -29,7 +29,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build": ("SAM_CHECKPOINTS", "SamEncoder", "SamSettings", "build", "build_sam",
+    "build": ("SAM_CHECKPOINTS", "SamEncoder", "SamSettings", "build_from_settings", "build_sam",
               "build_tiny_sam", "image_encoder"),
     "runner": ("OUTPUT_MODES", "AmgConfig", "SamRunner"),
     "masks": ("decode_mask", "mask_area"),

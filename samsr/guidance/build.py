@@ -1,8 +1,9 @@
 """Building Segment Anything (SAM): official ViT-H/L/B from local checkpoints, or a tiny random one.
 
 One settings dataclass (:class:`SamSettings`: the ``type``/``checkpoint``/``tiny``/``seed``/
-``tiny_img_size`` of a model config's SAM node) and one builder from it (:func:`build`), used by
-every caller: evaluation, training, the precompute CLIs and SAM-SR v3's frozen image encoder.
+``tiny_img_size`` of a model config's SAM node) and one builder from it
+(:func:`build_from_settings`), used by every caller: evaluation, training, the precompute CLIs and
+SAM-SR v3's frozen image encoder.
 
 * :func:`build_sam` builds ViT-H/L/B and loads a local official checkpoint (:data:`SAM_CHECKPOINTS`
   says which file and where to download it). :func:`build_tiny_sam` builds a tiny random SAM from
@@ -34,7 +35,7 @@ __all__ = [
     "SAM_CHECKPOINTS",
     "SamEncoder",
     "SamSettings",
-    "build",
+    "build_from_settings",
     "build_sam",
     "build_tiny_sam",
     "image_encoder",
@@ -196,7 +197,7 @@ class SamSettings:
         return "tiny" if self.tiny else self.type
 
 
-def build(settings: SamSettings, device: str | torch.device = "cpu") -> Sam:
+def build_from_settings(settings: SamSettings, device: str | torch.device = "cpu") -> Sam:
     """The SAM that ``settings`` describe, in eval mode on ``device``.
 
     Raises:
@@ -238,5 +239,5 @@ def image_encoder(
 ) -> SamEncoder:
     """SAM's image encoder for SAM-SR v3 (the ``model.net.sam`` node), built by the engine."""
     settings = SamSettings(type, checkpoint, tiny, seed, tiny_img_size)
-    sam = build(settings)
+    sam = build_from_settings(settings)
     return SamEncoder(sam.image_encoder, settings.kind, int(sam.prompt_encoder.embed_dim))
