@@ -65,11 +65,13 @@ SAM_TINY = [
 
 def _precompute_v2_1_maps(cfg, device: torch.device) -> None:
     """SAM-SR v2.1 trains on precomputed SAM maps: make them with the tiny SAM (on the device)."""
-    from samsr.engine.precompute import precompute_for_model
+    from samsr.engine.builders import amg_settings, sam_settings
+    from samsr.engine.precompute import make_sam_maps
 
-    sam_cfg = OmegaConf.to_container(cfg.model.sam, resolve=True)
     roots = [str(r) for r in cfg.data.train.roots]
-    assert precompute_for_model(sam_cfg, roots, str(cfg.model.sam_maps.cache_dir), str(device)) == 0
+    cache = str(cfg.model.sam_maps.cache_dir)
+    sam, amg = sam_settings(cfg.model.sam), amg_settings(cfg.model.sam)
+    assert not make_sam_maps(roots, cache, sam, amg, str(device), progress=False).failed
 
 
 # bf16 and fp16 autocast on every device. On CUDA, fp16 goes through the trainer's GradScaler

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from samsr.data.io import write_image, write_mask
+from samsr.data.io import DataError, write_image, write_mask
 from samsr.data.synthetic import render_sample
 from samsr.engine.precompute import collect_images
 from samsr.engine.precompute_embeddings import (
@@ -18,11 +18,11 @@ from samsr.engine.precompute_embeddings import (
     embedding_is_complete,
     embedding_path,
     main,
+    make_sam_embeddings,
     precompute_embeddings,
-    precompute_embeddings_for_model,
     read_embeddings_manifest,
 )
-from samsr.guidance import build_tiny_sam
+from samsr.guidance import SamSettings, build_tiny_sam
 from samsr.models.sam_crm import sam_embedding
 
 SIZES = [(64, 80), (96, 72), (70, 90), (48, 120)]
@@ -198,18 +198,20 @@ def test_function_api_and_for_model(dataset, tmp_path, capsys):
     assert not (tmp_path / "api" / "manifest.json").exists()  # the CLI writes the manifest
 
     cache = tmp_path / "model"
-    cfg = {"type": "vit_h", "checkpoint": None, "tiny": True, "seed": 3, "tiny_img_size": 48}
-    assert precompute_embeddings_for_model(cfg, [str(dataset)], str(cache), "cpu") == 0
-    assert "done 4, skipped 0" in capsys.readouterr().out
+    sam = SamSettings.from_mapping(
+        {"type": "vit_h", "checkpoint": None, "tiny": True, "seed": 3, "tiny_img_size": 48}
+    )
+    summary = make_sam_embeddings([str(dataset)], str(cache), sam, "cpu", progress=False)
+    assert (summary.done, summary.skipped) == (4, 0)
     assert read_embeddings_manifest(cache)["img_size"] == 48
     api = np.load(embedding_path(tmp_path / "api", "tiny/img1"))
     assert np.array_equal(np.load(embedding_path(cache, "tiny/img1")), api)
     assert np.array_equal(api, _expected(dataset / "img1.jpg", 48, seed=3))
-    assert precompute_embeddings_for_model(cfg, [str(dataset)], str(cache), "cpu") == 0
-    assert "done 0, skipped 4" in capsys.readouterr().out
+    again = make_sam_embeddings([str(dataset)], str(cache), sam, "cpu", progress=False)
+    assert (again.done, again.skipped) == (0, 4)
 
-    real = {"type": "vit_b", "checkpoint": str(tmp_path / "nope.pth"), "tiny": False}
-    assert precompute_embeddings_for_model(real, [str(dataset)], str(cache), "cpu") == 2
-    assert str(tmp_path / "nope.pth") in capsys.readouterr().err
-    assert precompute_embeddings_for_model({"type": "vit_b"}, [str(dataset)], str(cache)) == 2
-    assert "checkpoint is not set" in capsys.readouterr().err
+    real = SamSettings(type="vit_b", checkpoint=str(tmp_path / "nope.pth"))
+    with pytest.raises(DataError, match="nope.pth"):
+        make_sam_embeddings([str(dataset)], str(cache), real, "cpu")
+    with pytest.raises(DataError, match="not set"):
+        make_sam_embeddings([str(dataset)], str(cache), SamSettings(type="vit_b"))

@@ -339,14 +339,15 @@ def test_training_and_evaluation_maps_follow_one_rule(dataset, tmp_path):
     # With AMG at a working size (amg.max_side), precompute (training) and the SAM-guided
     # refiner (evaluation) paint at that size and resize with one rule (INTER_NEAREST_EXACT), so
     # the maps agree on every pixel; the model's tiny-SAM seed reaches precompute too.
-    from samsr.engine.precompute import precompute_for_model
-    from samsr.guidance import AmgConfig, SamRunner, build_tiny_sam
+    from samsr.engine.precompute import make_sam_maps
+    from samsr.guidance import AmgConfig, SamRunner, SamSettings, build_tiny_sam
     from samsr.inference.sam_refiner import SamGuidedRefiner
 
     amg = {"points_per_side": 4, "points_per_batch": 16, "pred_iou_thresh": 0.0,
            "stability_score_thresh": 0.0, "max_side": 37}  # fmt: skip
-    sam_cfg = {"tiny": True, "seed": 3, "amg": amg}
-    assert precompute_for_model(sam_cfg, [str(dataset)], str(tmp_path / "c"), "cpu") == 0
+    sam = SamSettings(tiny=True, seed=3)
+    summary = make_sam_maps([str(dataset)], tmp_path / "c", sam, AmgConfig(**amg), "cpu")
+    assert summary.done == 3 and not summary.failed
     cached = read_image(tmp_path / "c" / "tiny" / "img2_sam.png")  # a 70 x 90 image
 
     class Spy:  # stands in for the CRM refiner: records the map it is given

@@ -22,6 +22,7 @@ from samsr.inference import CascadeConfig, Refiner
 
 if TYPE_CHECKING:
     from samsr.guidance.build import SamSettings
+    from samsr.guidance.runner import AmgConfig
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -202,6 +203,13 @@ def sam_settings(sam_cfg: DictConfig) -> SamSettings:
         raise ConfigError(f"invalid SAM settings {values}: {err}") from err
 
 
+def amg_settings(sam_cfg: DictConfig) -> AmgConfig:
+    """The automatic-mask settings of a model config's ``model.sam.amg``."""
+    from samsr.guidance.runner import AmgConfig
+
+    return _settings(AmgConfig, sam_cfg.amg, "model.sam.amg")
+
+
 def _settings(cls: type[T], node: DictConfig, where: str) -> T:
     """A settings dataclass from a config node; bad or unknown keys -> ConfigError naming it."""
     values = OmegaConf.to_container(node, resolve=True)
@@ -250,10 +258,10 @@ def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.dev
     if not sam_cfg:
         return refiner
     from samsr.guidance.build import build_from_settings
-    from samsr.guidance.runner import AmgConfig, SamRunner
+    from samsr.guidance.runner import SamRunner
     from samsr.inference.sam_refiner import SamGuidedRefiner
 
-    amg = _settings(AmgConfig, sam_cfg.amg, "model.sam.amg")
+    amg = amg_settings(sam_cfg)
     sam = build_from_settings(sam_settings(sam_cfg), device)
     v1 = None
     if model_cfg.get("v1"):

@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,7 @@ from samsr.data.sam_maps import (
 from samsr.errors import report_error
 from samsr.guidance.build import SamSettings
 from samsr.guidance.maps import map_seed, paint_sam_map
+from samsr.guidance.runner import AmgConfig
 
 __all__ = [
     "ImageItem",
@@ -59,6 +60,8 @@ __all__ = [
     "build_parser",
     "collect_images",
     "main",
+    "make_sam_maps",
+    "report_summary",
     "parse_shard",
     "precompute_maps",
     "prepare_cache",
@@ -89,6 +92,7 @@ class Summary:
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per SAM stage, all images
 
     def line(self) -> str:
         """``done 2, skipped 1, failed 0 (of 3 images)``."""
@@ -334,15 +338,6 @@ def sam_settings(args: argparse.Namespace) -> SamSettings:
     )
 
 
-def sam_arguments(sam_cfg: Mapping[str, Any]) -> list[str]:
-    """The precompute flags of a model config's SAM node (``type``/``checkpoint`` or tiny)."""
-    settings = SamSettings.from_mapping(sam_cfg)
-    if settings.tiny:
-        size = str(settings.tiny_img_size)
-        return ["--tiny-sam", "--tiny-seed", str(settings.seed), "--tiny-img-size", size]
-    return ["--sam-type", settings.type, "--sam-checkpoint", str(settings.checkpoint)]
-
-
 def add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """Device, sharding, overwrite and progress options shared by the precompute command lines."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -395,10 +390,8 @@ _AMG_FLAGS = (
 )
 
 
-def _amg_config(args: argparse.Namespace) -> Any:
+def _amg_config(args: argparse.Namespace) -> AmgConfig:
     """An ``AmgConfig`` from the flags and ``--amg`` overrides (unknown keys -> DataError)."""
-    from samsr.guidance.runner import AmgConfig
-
     overrides = dict(args.amg)
     overrides.update({k: getattr(args, k) for k in _AMG_FLAGS if getattr(args, k) is not None})
     valid = {f.name for f in dataclasses.fields(AmgConfig)}
@@ -411,66 +404,97 @@ def _amg_config(args: argparse.Namespace) -> Any:
         raise DataError(f"bad AMG settings {overrides}: {exc}") from exc
 
 
+def make_sam_maps(
+    images: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    sam: SamSettings,
+    amg: AmgConfig,
+    device: str = "auto",
+    layout: str = "auto",
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> Summary:
+    """Precomputes the SAM-SR v2.1 maps of every image under ``images`` into the cache ``out``.
+
+    Resumable (current maps are skipped), shardable (``shard=(k, n)``: images k, k+n, ...), and
+    refuses a cache made with other settings unless ``overwrite``. Called by
+    ``scripts/precompute_sam.py`` and by ``scripts/train.py`` (``model.sam_maps.precompute``).
+
+    Args:
+        images: dataset roots (training layouts) and/or BIG-layout split folders.
+        out: the cache folder.
+        sam: which SAM; ``amg``: its automatic-mask settings.
+        device: where SAM runs.
+        layout: the folder layout of every ``images`` folder (``auto`` detects it).
+        shard: this process's share of the images.
+        overwrite: replace a cache made with other settings.
+        progress: show a progress bar.
+        command: recorded in the manifest's ``info``.
+
+    Returns:
+        The run's counts (failed images with their reasons; they do not stop the run).
+
+    Raises:
+        DataError: bad folders, a cache of other settings, a missing SAM checkpoint.
+    """
+    shard_index, shard_count = shard
+    items = collect_images(images, layout)[shard_index::shard_count]
+    manifest = make_manifest(sam.kind, sam.checkpoint if not sam.tiny else None, asdict(amg))
+    prepare_cache(out, manifest, overwrite=overwrite, write=False)  # fail fast, before SAM
+    generate, timings = _make_generator(sam, amg, device)
+    info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if command:
+        info["command"] = command
+    key = prepare_cache(out, manifest, overwrite=overwrite, info=info)
+    where = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
+    print(f"SAM maps{where}: {len(items)} images -> {out}", file=sys.stderr)
+    summary = precompute_maps(items, out, key, generate, overwrite=overwrite, progress=progress)
+    summary.timings = dict(timings)
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 some images failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    shard_index, shard_count = args.shard
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        items = collect_images(args.images, args.layout)[shard_index::shard_count]
-        amg = _amg_config(args)
-        sam_type = "tiny" if args.tiny_sam else args.sam_type
-        manifest = make_manifest(sam_type, args.sam_checkpoint, dataclasses.asdict(amg))
-        prepare_cache(args.out, manifest, overwrite=args.overwrite, write=False)  # fail fast
-        generate, timings = _make_generator(args, amg)
-        info = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["scripts/precompute_sam.py", *argv]),
-        }
-        key = prepare_cache(args.out, manifest, overwrite=args.overwrite, info=info)
+        summary = make_sam_maps(
+            args.images, args.out, sam_settings(args), _amg_config(args), args.device,
+            args.layout, args.shard, args.overwrite, not args.no_progress,
+            shlex.join(["scripts/precompute_sam.py", *argv]),
+        )  # fmt: skip
     except (DataError, FileNotFoundError, ValueError) as exc:
         return report_error(exc)
-    shard = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
-    print(f"SAM maps{shard}: {len(items)} images -> {args.out}", file=sys.stderr)
-    summary = precompute_maps(
-        items, args.out, key, generate, overwrite=args.overwrite, progress=not args.no_progress
-    )
+    return report_summary("SAM maps", summary, args.shard)
+
+
+def report_summary(what: str, summary: Summary, shard: tuple[int, int]) -> int:
+    """Prints a run's summary (and its failures); returns the exit status (1 if any failed)."""
+    where = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     per_image = ""
-    if summary.done:
-        per_image = ", per map: " + ", ".join(
-            f"{name} {seconds / summary.done:.2f} s" for name, seconds in timings.items() if seconds
+    if summary.done and summary.timings:
+        per_image = ", per image: " + ", ".join(
+            f"{name} {seconds / summary.done:.2f} s"
+            for name, seconds in summary.timings.items()
+            if seconds
         )
-    print(f"SAM maps{shard}: {summary.line()}{per_image}")
+    print(f"{what}{where}: {summary.line()}{per_image}")
     for image, reason in summary.failed:
         print(f"  failed: {image}: {reason}")
     return 1 if summary.failed else 0
 
 
-def precompute_for_model(
-    sam_cfg: Mapping[str, Any], roots: Sequence[str], cache_dir: str, device: str = "auto"
-) -> int:
-    """Runs :func:`main` for a model config's SAM (``model.sam``) over training ``roots``.
-
-    Used by ``scripts/train.py`` with ``model.sam_maps.precompute=true``: maps already in the
-    cache are skipped, so this costs nothing once the cache is complete.
-
-    Returns:
-        The exit status of :func:`main`.
-    """
-    argv = ["--images", *roots, "--out", str(cache_dir), "--device", str(device)]
-    argv += sam_arguments(sam_cfg)
-    for key, value in dict(sam_cfg["amg"]).items():
-        argv += ["--amg", f"{key}={value!r}"]
-    return main(argv)
-
-
-def _make_generator(args: argparse.Namespace, amg: Any) -> tuple[Generate, dict[str, float]]:
+def _make_generator(
+    sam: SamSettings, amg: AmgConfig, device: str
+) -> tuple[Generate, dict[str, float]]:
     """Builds SAM once; returns ``(image, name) -> AMG dicts`` and the runner's timings."""
     from samsr.device import resolve_device
     from samsr.guidance.build import build_from_settings
     from samsr.guidance.runner import SamRunner
 
-    runner = SamRunner(build_from_settings(sam_settings(args), resolve_device(args.device)))
+    runner = SamRunner(build_from_settings(sam, resolve_device(device)))
 
     def generate(image: np.ndarray, name: str) -> list[dict[str, Any]]:
         runner.set_image(image, key=name, max_side=amg.max_side)

@@ -54,11 +54,12 @@ from samsr.engine.precompute import (
     add_input_arguments,
     add_run_arguments,
     collect_images,
+    report_summary,
     run_per_image,
-    sam_arguments,
     sam_settings,
 )
 from samsr.errors import report_error
+from samsr.guidance.build import SamSettings
 
 __all__ = [
     "EMBEDDINGS_FORMAT",
@@ -72,8 +73,8 @@ __all__ = [
     "embedding_path",
     "embeddings_manifest",
     "main",
+    "make_sam_embeddings",
     "precompute_embeddings",
-    "precompute_embeddings_for_model",
     "prepare_embeddings_cache",
     "read_embeddings_manifest",
 ]
@@ -320,88 +321,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build_encoder(args: argparse.Namespace, device: torch.device) -> nn.Module:
+def make_sam_embeddings(
+    images: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    sam: SamSettings,
+    device: str = "auto",
+    layout: str = "auto",
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EmbeddingSummary:
+    """Precomputes SAM's whole-image embeddings (SAM-SR v3, cached training tokens) into ``out``.
+
+    Resumable, shardable and guarded like :func:`samsr.engine.precompute.make_sam_maps`; called by
+    ``scripts/precompute_sam_embeddings.py`` and by ``scripts/train.py``
+    (``model.train_tokens.precompute``).
+
+    Raises:
+        DataError: bad folders, a cache of another SAM, a missing SAM checkpoint.
+    """
+    from samsr.device import resolve_device
     from samsr.guidance.build import build_from_settings
 
-    sam = build_from_settings(sam_settings(args), device)
-    encoder = sam.image_encoder.eval().requires_grad_(False)
-    del sam  # the prompt encoder and mask decoder are not needed
-    return encoder
+    shard_index, shard_count = shard
+    items = collect_images(images, layout)[shard_index::shard_count]
+    if not sam.tiny:
+        checkpoint = Path(str(sam.checkpoint or "")).expanduser()
+        if not sam.checkpoint or not checkpoint.is_file():
+            raise DataError(
+                f"SAM checkpoint not found: {checkpoint if sam.checkpoint else '(not set)'}. "
+                f"Pass the official {sam.type} .pth file (--sam-checkpoint PATH, or "
+                "model.net.sam.checkpoint)."
+            )
+    # fail fast, before loading SAM: the fields known without building it
+    known: dict[str, Any] = {
+        "format": EMBEDDINGS_FORMAT,
+        "version": EMBEDDINGS_VERSION,
+        "sam_type": sam.kind,
+    }
+    if sam.tiny:
+        known["img_size"] = sam.tiny_img_size
+    prepare_embeddings_cache(out, known, overwrite=overwrite, write=False)
+    torch_device = resolve_device(device)
+    sam_model = build_from_settings(sam, torch_device)
+    encoder = sam_model.image_encoder.eval().requires_grad_(False)
+    del sam_model  # the prompt encoder and mask decoder are not needed
+    manifest = embeddings_manifest(sam.kind, encoder)
+    prepare_embeddings_cache(out, manifest, overwrite=overwrite)
+    where = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
+    print(f"SAM embeddings{where}: {len(items)} images -> {out} ({torch_device})", file=sys.stderr)
+    return precompute_embeddings(
+        items, out, encoder, torch_device, overwrite=overwrite, progress=progress
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 some images failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    shard_index, shard_count = args.shard
-    sam_type = "tiny" if args.tiny_sam else args.sam_type
     try:
-        items = collect_images(args.images, args.layout)[shard_index::shard_count]
-        if not args.tiny_sam:
-            checkpoint = Path(args.sam_checkpoint).expanduser()
-            if not checkpoint.is_file():
-                raise DataError(
-                    f"SAM checkpoint not found: {checkpoint}. Pass --sam-checkpoint PATH (the "
-                    f"official {sam_type} .pth file)."
-                )
-        # fail fast, before loading SAM: the fields known without building it
-        known: dict[str, Any] = {
-            "format": EMBEDDINGS_FORMAT,
-            "version": EMBEDDINGS_VERSION,
-            "sam_type": sam_type,
-        }
-        if args.tiny_sam:
-            known["img_size"] = args.tiny_img_size
-        prepare_embeddings_cache(args.out, known, overwrite=args.overwrite, write=False)
-        from samsr.device import resolve_device
-
-        device = resolve_device(args.device)
-        encoder = _build_encoder(args, device)
-        manifest = embeddings_manifest(sam_type, encoder)
-        prepare_embeddings_cache(args.out, manifest, overwrite=args.overwrite)
+        summary = make_sam_embeddings(
+            args.images, args.out, sam_settings(args), args.device, args.layout, args.shard,
+            args.overwrite, not args.no_progress,
+        )  # fmt: skip
     except (DataError, FileNotFoundError, ValueError) as exc:
         return report_error(exc)
-    shard = f" (shard {shard_index}/{shard_count})" if shard_count > 1 else ""
-    print(f"SAM embeddings{shard}: {len(items)} images -> {args.out} ({device})", file=sys.stderr)
-    summary = precompute_embeddings(
-        items, args.out, encoder, device, overwrite=args.overwrite, progress=not args.no_progress
-    )
-    print(f"SAM embeddings{shard}: {summary.line()}")
-    for image, reason in summary.failed:
-        print(f"  failed: {image}: {reason}")
-    return 1 if summary.failed else 0
-
-
-def precompute_embeddings_for_model(
-    sam_cfg: Mapping[str, Any],
-    roots: Sequence[str | os.PathLike[str]],
-    cache_dir: str | os.PathLike[str],
-    device: str = "auto",
-    progress: bool = True,
-) -> int:
-    """Runs :func:`main` for a model config's SAM (``model.net.sam``) over training ``roots``.
-
-    Args:
-        sam_cfg: ``{"type": "vit_h", "checkpoint": PATH, "tiny": False, "seed": 0,
-            "tiny_img_size": 64}`` (``seed`` and ``tiny_img_size`` only matter when ``tiny``).
-        roots: Dataset roots (``--images``).
-        cache_dir: Cache folder (``--out``).
-        device: ``--device``.
-        progress: Show a progress bar.
-
-    Embeddings already in the cache are skipped, so this costs little once the cache is complete.
-
-    Returns:
-        The exit status of :func:`main` (2 without a checkpoint for a non-tiny SAM).
-    """
-    argv = ["--images", *map(str, roots), "--out", str(cache_dir), "--device", str(device)]
-    if not sam_cfg.get("tiny") and not sam_cfg.get("checkpoint"):
-        print(
-            "error: the SAM checkpoint is not set (model.net.sam.checkpoint): the official "
-            "SAM .pth file is needed to precompute embeddings.",
-            file=sys.stderr,
-        )
-        return 2
-    argv += sam_arguments(sam_cfg)
-    if not progress:
-        argv.append("--no-progress")
-    return main(argv)
+    return report_summary("SAM embeddings", summary, args.shard)

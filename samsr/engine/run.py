@@ -16,6 +16,7 @@ from torch import nn
 from samsr.device import backend_flags, resolve_device
 from samsr.engine.builders import (
     ConfigError,
+    amg_settings,
     build_eval_datasets,
     build_loss,
     build_model,
@@ -26,6 +27,7 @@ from samsr.engine.builders import (
     cascade_config,
     load_pretrained,
     prepare_data,
+    sam_settings,
     to_container,
     token_source,
     train_settings,
@@ -81,30 +83,40 @@ def evaluate_model(
 
 def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:
     """Make what training reads from a SAM cache first, when the config asks for it:
-    ``model.sam_maps.precompute`` (v2.1 maps) or cached ``model.train_tokens`` (v3 embeddings)."""
+    ``model.sam_maps.precompute`` (v2.1 maps) or cached ``model.train_tokens`` (v3 embeddings).
+    Current files are skipped, so this costs little once a cache is complete."""
     from samsr.data.io import DataError
 
-    jobs = []
+    roots = [str(r) for r in cfg.data.train.roots]
+    summaries = []
     maps = cfg.model.get("sam_maps")
     if maps and maps.get("precompute"):
-        from samsr.engine.precompute import precompute_for_model
+        from samsr.engine.precompute import make_sam_maps
 
-        jobs.append((precompute_for_model, cfg.model.sam, maps.cache_dir, "precompute_sam.py"))
+        amg = amg_settings(cfg.model.sam)
+        sam = sam_settings(cfg.model.sam)
+        summaries.append(
+            ("maps", maps.cache_dir, make_sam_maps(roots, maps.cache_dir, sam, amg, str(device)))
+        )
     tokens = cfg.model.get("train_tokens")
     if token_source(cfg.model) == "cached" and tokens.get("precompute"):
-        from samsr.engine.precompute_embeddings import precompute_embeddings_for_model
+        from samsr.engine.precompute_embeddings import make_sam_embeddings
 
-        script = "precompute_sam_embeddings.py"
-        jobs.append((precompute_embeddings_for_model, cfg.model.net.sam, tokens.cache_dir, script))
-    roots = [str(r) for r in cfg.data.train.roots] if jobs else []
-    for precompute, sam_node, cache_dir, script in jobs:
-        sam_cfg = OmegaConf.to_container(sam_node, resolve=True)
-        assert isinstance(sam_cfg, dict)
-        status = precompute(sam_cfg, roots, str(cache_dir), str(device))
-        if status != 0:
+        sam = sam_settings(cfg.model.net.sam)
+        summaries.append(
+            (
+                "embeddings",
+                tokens.cache_dir,
+                make_sam_embeddings(roots, tokens.cache_dir, sam, str(device)),
+            )
+        )
+    for what, cache_dir, summary in summaries:
+        log.info("SAM %s in %s: %s", what, cache_dir, summary.line())
+        if summary.failed:
+            image, reason = summary.failed[0]
             raise DataError(
-                f"precomputing into {cache_dir} failed (exit {status}); see the messages "
-                f"above, or run scripts/{script} yourself."
+                f"precomputing SAM {what} into {cache_dir} failed for {len(summary.failed)} "
+                f"image(s), e.g. {image}: {reason}"
             )
 
 
