@@ -193,9 +193,13 @@ def test_logger_config_makes_the_writer(tiny_cfg, tmp_path):
         run_train(tiny_cfg("train", [*common, "+logger.no_such_argument=1"]))
 
 
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
+
+
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
-@pytest.mark.parametrize("experiment", [None, "quickstart"])
-@pytest.mark.parametrize("debug", [None, "default"])
+@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
+@pytest.mark.parametrize("debug", [None, *DEBUGS])
 def test_every_experiment_debug_and_model_builds_or_names_the_key(
     tiny_cfg, model, experiment, debug
 ):
