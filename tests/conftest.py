@@ -26,8 +26,8 @@ TINY = [
 
 # SAM-SR v3 (model=samsr_v3_*) has no ResNet: the backbone override becomes a tiny random SAM.
 TINY_V3 = [
-    "model.net.sam.tiny=true",
-    "model.net.sam.tiny_img_size=64",
+    "model.sam.tiny=true",
+    "model.sam.tiny_img_size=64",
     "model.net.local_width=16",
     "model.net.token_channels=16",
     "model.net.heads=4",

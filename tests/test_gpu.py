@@ -90,7 +90,7 @@ def test_three_training_steps_on_device(device_under_test, tmp_path, model, amp)
 
     extra = [f"model={model}", f"trainer.amp_dtype={amp}"]
     cfg = compose(extra)
-    if cfg.model.get("sam"):  # v1/v2 carry a SAM beside the CRM; v3's is tiny through TINY_V3
+    if cfg.model.get("sam", {}).get("amg"):  # v1/v2 run AMG; v3's SAM is tiny through TINY_V3
         cfg = compose(extra + SAM_TINY)
     prepare_data(cfg.data)
     if cfg.model.get("sam_maps"):

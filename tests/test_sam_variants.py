@@ -131,3 +131,21 @@ def test_v3_trains_on_cached_sam_embeddings_from_one_command(tiny_cfg, tmp_path)
     assert load_checkpoint(res["checkpoint"])["step"] == 2
     assert len(list(cache.rglob("*_emb.npy"))) == 4  # every training image, once
     assert (cache / "manifest.json").is_file()
+
+
+def test_a_v3_config_of_the_old_sam_schema_still_builds_with_a_warning(tiny_cfg, caplog):
+    # checkpoints written before samsr.guidance store model.net.sam as plain SAM settings (no
+    # _target_, no model.sam): the stored config is migrated, with a warning, and builds
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from samsr.engine.builders import build_model
+
+    cfg = tiny_cfg("train", ["model=samsr_v3_2"])
+    stored = OmegaConf.to_container(cfg.model, resolve=True)
+    del stored["net"]["sam"]["_target_"], stored["sam"]
+    with caplog.at_level(logging.WARNING, logger="samsr.engine.builders"):
+        model = build_model(OmegaConf.create(stored))
+    assert model.sam_type == "tiny"
+    assert "written before samsr.guidance" in caplog.text

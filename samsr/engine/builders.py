@@ -162,7 +162,7 @@ TOKEN_SOURCES = ("per_crop", "cached")
 
 
 def sam_geometry(sam_cfg: DictConfig) -> tuple[str, int, int]:
-    """(SAM type, encoder input side, patch) of a SAM-SR v3 ``model.net.sam`` config."""
+    """(SAM type, encoder input side, patch) of a ``model.sam`` config (SAM-SR v3's tokens)."""
     if sam_cfg.get("tiny"):
         return "tiny", int(sam_cfg.get("tiny_img_size", 64)), 16
     return str(sam_cfg.type), 1024, 16
@@ -185,14 +185,14 @@ def _token_loader(data_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
     from samsr.data.sam_tokens import SamTokenLoader
 
     assert model_cfg is not None
-    sam_type, img_size, patch = sam_geometry(model_cfg.net.sam)
+    sam_type, img_size, patch = sam_geometry(model_cfg.sam)
     roots = [str(r) for r in data_cfg.train.roots]
     cache = str(model_cfg.train_tokens.cache_dir)
     return SamTokenLoader(cache, roots, sam_type, img_size, patch)
 
 
 def sam_settings(sam_cfg: DictConfig) -> SamSettings:
-    """The SAM of a model config's SAM node (``model.sam`` or ``model.net.sam``)."""
+    """The SAM of a model config's ``model.sam`` (the one SAM schema of every SAM-SR variant)."""
     from samsr.guidance.build import SamSettings
 
     values = OmegaConf.to_container(sam_cfg, resolve=True)
@@ -253,10 +253,12 @@ def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> Any:
 
 
 def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.device) -> Any:
-    """Wraps ``refiner`` with SAM for the SAM-SR variants (``model.sam`` set), else returns it."""
-    sam_cfg = model_cfg.get("sam")
-    if not sam_cfg:
+    """Wraps ``refiner`` with SAM for SAM-SR v1/v2.x (SAM before the CRM), else returns it."""
+    from samsr.inference.sam_refiner import VARIANTS
+
+    if str(model_cfg.get("name")) not in VARIANTS:  # v3 carries SAM inside the network
         return refiner
+    sam_cfg = model_cfg.sam
     from samsr.guidance.build import build_from_settings
     from samsr.guidance.runner import SamRunner
     from samsr.inference.sam_refiner import SamGuidedRefiner

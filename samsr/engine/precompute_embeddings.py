@@ -351,7 +351,7 @@ def make_sam_embeddings(
             raise DataError(
                 f"SAM checkpoint not found: {checkpoint if sam.checkpoint else '(not set)'}. "
                 f"Pass the official {sam.type} .pth file (--sam-checkpoint PATH, or "
-                "model.net.sam.checkpoint)."
+                "model.sam.checkpoint)."
             )
     # fail fast, before loading SAM: the fields known without building it
     known: dict[str, Any] = {

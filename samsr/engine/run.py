@@ -102,7 +102,7 @@ def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:
     if token_source(cfg.model) == "cached" and tokens.get("precompute"):
         from samsr.engine.precompute_embeddings import make_sam_embeddings
 
-        sam = sam_settings(cfg.model.net.sam)
+        sam = sam_settings(cfg.model.sam)
         summaries.append(
             (
                 "embeddings",

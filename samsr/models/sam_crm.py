@@ -289,9 +289,9 @@ class SamCRM(CRM):
             )
         if saved.get("sam_type") != self.sam_type:
             fix = (
-                "model.net.sam.tiny=true"
+                "model.sam.tiny=true"
                 if saved.get("sam_type") == "tiny"
-                else f"model.net.sam.tiny=false model.net.sam.type={saved.get('sam_type')}"
+                else f"model.sam.tiny=false model.sam.type={saved.get('sam_type')}"
             )
             raise ValueError(
                 f"these weights were trained on SAM {saved.get('sam_type')} tokens, the model "
@@ -348,7 +348,8 @@ def build_sam_crm(
     """Builds SAM-SR v3 from plain values.
 
     Args:
-        sam: SAM's image encoder with its type and token width (the ``model.net.sam`` node:
+        sam: SAM's image encoder with its type and token width (the ``model.net.sam`` node, from
+            ``model.sam``:
             ``samsr.guidance.build.image_encoder`` of ``type``/``checkpoint`` or ``tiny``).
         injection: ``none`` (v3.1), ``add`` (v3.2), ``global`` (v3.3) or ``window`` (v3.4).
         local_width: channels of the shallow CNN.
