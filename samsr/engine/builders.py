@@ -22,7 +22,9 @@ from samsr.inference import CascadeConfig, Refiner
 
 if TYPE_CHECKING:
     from samsr.guidance.build import SamSettings
+    from samsr.guidance.prompts import BatchPromptMaps
     from samsr.guidance.runner import AmgConfig
+    from samsr.inference.sam_refiner import SamGuidedRefiner
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -239,7 +241,7 @@ def train_settings(trainer_cfg: DictConfig) -> TrainSettings:
     return _settings(TrainSettings, trainer_cfg, "trainer")
 
 
-def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> Any:
+def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> BatchPromptMaps | None:
     """What the trainer runs on each batch on its device (SAM-SR v2.2's prompt maps), or None."""
     if not model_cfg.get("prompts"):
         return None
@@ -252,7 +254,9 @@ def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> Any:
     return BatchPromptMaps(SamRunner(sam), prompts)
 
 
-def build_sam_refiner(refiner: Refiner, model_cfg: DictConfig, device: torch.device) -> Any:
+def build_sam_refiner(
+    refiner: Refiner, model_cfg: DictConfig, device: torch.device
+) -> Refiner | SamGuidedRefiner:
     """Wraps ``refiner`` with SAM for SAM-SR v1/v2.x (SAM before the CRM), else returns it."""
     from samsr.inference.sam_refiner import VARIANTS
 

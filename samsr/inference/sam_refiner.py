@@ -20,13 +20,18 @@ neighbour to the full resolution.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from samsr.device import synchronize
 from samsr.guidance.maps import map_seed, paint_sam_map, resize_nearest
 from samsr.inference.refiner import Refiner
+
+if TYPE_CHECKING:
+    from samsr.guidance.prompts import PromptConfig
+    from samsr.guidance.runner import AmgConfig, SamRunner
+    from samsr.guidance.v1 import V1Config, V1Stats
 
 __all__ = ["SamGuidedRefiner"]
 
@@ -50,11 +55,11 @@ class SamGuidedRefiner:
     def __init__(
         self,
         refiner: Refiner,
-        runner: Any,
+        runner: SamRunner,
         variant: str,
-        amg: Any,
-        v1: Any | None = None,
-        prompts: Any | None = None,
+        amg: AmgConfig,
+        v1: V1Config | None = None,
+        prompts: PromptConfig | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
@@ -74,7 +79,7 @@ class SamGuidedRefiner:
         self.prompts = prompts
         self.last_times: dict[str, float] = {}
         self._times: dict[str, list[float]] = {"sam_s": [], "refine_s": []}
-        self._stats: Any = None
+        self._stats: V1Stats | None = None
         if variant == "samsr_v1":
             from samsr.guidance.v1 import V1Stats
 
