@@ -35,6 +35,16 @@ TINY_V3 = [
 ]
 
 
+# a tiny SAM whose (random) predictions pass AMG's filters, so that masks come out
+SAM_TINY = [
+    "model.sam.tiny=true",
+    "model.sam.amg.points_per_side=4",
+    "model.sam.amg.points_per_batch=16",
+    "model.sam.amg.pred_iou_thresh=0.0",
+    "model.sam.amg.stability_score_thresh=0.0",
+]
+
+
 def tiny_overrides(name: str, extra: list[str]) -> list[str]:
     """TINY for config ``name`` (train keeps the trainer keys) and the model chosen in ``extra``."""
     tiny = [o for o in TINY if name == "train" or not o.startswith("trainer.")]

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SYNTHETIC, compose_config, tiny_overrides
+from conftest import SAM_TINY, TINY_SYNTHETIC, compose_config, tiny_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -49,15 +49,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 INFERENCE_PRESETS = sorted(p.stem for p in (CONFIGS / "inference").glob("*.yaml"))
 CPU = torch.device("cpu")
-
-# The tiny SAM of tests/test_sam_variants.py, permissive enough that its random masks come out.
-SAM_TINY = [
-    "model.sam.tiny=true",
-    "model.sam.amg.points_per_side=4",
-    "model.sam.amg.points_per_batch=16",
-    "model.sam.amg.pred_iou_thresh=0.0",
-    "model.sam.amg.stability_score_thresh=0.0",
-]
 
 
 # ------------------------------------------------------------------ training

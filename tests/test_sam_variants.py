@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SAM_TINY
 
 from samsr.data.io import DataError
 from samsr.engine.checkpoint import CheckpointError, load_checkpoint
 from samsr.engine.run import run_eval, run_train
-
-# a tiny SAM whose (random) predictions pass AMG's filters, so that masks come out
-SAM_TINY = [
-    "model.sam.tiny=true",
-    "model.sam.amg.points_per_side=4",
-    "model.sam.amg.points_per_batch=16",
-    "model.sam.amg.pred_iou_thresh=0.0",
-    "model.sam.amg.stability_score_thresh=0.0",
-]
 
 
 def _train_crm(tiny_cfg) -> str:
