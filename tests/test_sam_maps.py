@@ -340,7 +340,7 @@ def test_training_and_evaluation_maps_follow_one_rule(dataset, tmp_path):
     # refiner (evaluation) paint at that size and resize with one rule (INTER_NEAREST_EXACT), so
     # the maps agree on every pixel; the model's tiny-SAM seed reaches precompute too.
     from samsr.engine.precompute import make_sam_maps
-    from samsr.guidance import AmgConfig, SamRunner, SamSettings, build_tiny_sam
+    from samsr.guidance import AmgConfig, MapGuidance, SamRunner, SamSettings, build_tiny_sam
     from samsr.inference.sam_refiner import SamGuidedRefiner
 
     amg = {"points_per_side": 4, "points_per_batch": 16, "pred_iou_thresh": 0.0,
@@ -360,9 +360,8 @@ def test_training_and_evaluation_maps_follow_one_rule(dataset, tmp_path):
     spy = Spy()
     image = read_image(dataset / "img2.jpg")
     coarse = np.zeros(image.shape[:2], np.uint8)
-    guided = SamGuidedRefiner(
-        spy, SamRunner(build_tiny_sam(seed=3)), "samsr_v2_1", AmgConfig(**amg)
-    )
+    runner = SamRunner(build_tiny_sam(seed=3))
+    guided = SamGuidedRefiner(spy, runner, MapGuidance(AmgConfig(**amg)))
     guided(image, coarse, name="tiny/img2")
     assert spy.extra.shape == cached.shape and spy.extra.any()
     np.testing.assert_array_equal(spy.extra, cached)

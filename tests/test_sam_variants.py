@@ -141,3 +141,25 @@ def test_a_v3_config_of_the_old_sam_schema_still_builds_with_a_warning(tiny_cfg,
         model = build_model(OmegaConf.create(stored))
     assert model.sam_type == "tiny"
     assert "written before samsr.guidance" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("model", "strategy", "override"),
+    [
+        ("samsr_v1", "V1Guidance", "model.v1.coverage_threshold=0.6"),
+        ("samsr_v2_1", "MapGuidance", "model.sam.amg.points_per_side=7"),
+        ("samsr_v2_2", "PromptGuidance", "model.prompts.spacing=9"),
+    ],
+)
+def test_each_variant_selects_its_guidance_strategy_by_target(tiny_cfg, model, strategy, override):
+    # the predictor eval and users call is SAM + the model config's strategy + the refiner;
+    # the settings reach the strategy through its config node
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("eval", [f"model={model}", *SAM_TINY, override, "ckpt_path=x"])
+    guidance = instantiate(cfg.model.guidance)
+    assert type(guidance).__name__ == strategy
+    key, value = override.split("=")
+    settings = {"v1": "gates", "amg": "amg", "prompts": "prompts"}[key.split(".")[-2]]
+    assert getattr(getattr(guidance, settings), key.split(".")[-1]) == float(value)
+    assert guidance.max_side is None

@@ -216,6 +216,7 @@ def _settings(cls: type[T], node: DictConfig, where: str) -> T:
     """A settings dataclass from a config node; bad or unknown keys -> ConfigError naming it."""
     values = OmegaConf.to_container(node, resolve=True)
     assert isinstance(values, dict)
+    values.pop("_target_", None)  # the same node also instantiates the class itself
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -257,30 +258,21 @@ def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> BatchPr
 def build_sam_refiner(
     refiner: Refiner, model_cfg: DictConfig, device: torch.device
 ) -> Refiner | SamGuidedRefiner:
-    """Wraps ``refiner`` with SAM for SAM-SR v1/v2.x (SAM before the CRM), else returns it."""
-    from samsr.inference.sam_refiner import VARIANTS
-
-    if str(model_cfg.get("name")) not in VARIANTS:  # v3 carries SAM inside the network
+    """Composes SAM, the model's guidance strategy (``model.guidance``) and ``refiner`` for
+    SAM-SR v1/v2.x; returns ``refiner`` itself for models without one (CRM, SAM-SR v3)."""
+    guidance_cfg = model_cfg.get("guidance")
+    if not guidance_cfg:
         return refiner
-    sam_cfg = model_cfg.sam
     from samsr.guidance.build import build_from_settings
     from samsr.guidance.runner import SamRunner
     from samsr.inference.sam_refiner import SamGuidedRefiner
 
-    amg = amg_settings(sam_cfg)
-    sam = build_from_settings(sam_settings(sam_cfg), device)
-    v1 = None
-    if model_cfg.get("v1"):
-        from samsr.guidance.v1 import V1Config
-
-        v1 = _settings(V1Config, model_cfg.v1, "model.v1")
-    prompts = None
-    if model_cfg.get("prompts"):
-        from samsr.guidance.prompts import PromptConfig
-
-        prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
-    name = str(model_cfg.name)
-    return SamGuidedRefiner(refiner, SamRunner(sam), name, amg, v1, prompts)
+    try:
+        guidance = instantiate(guidance_cfg)
+    except Exception as err:  # noqa: BLE001 - Hydra wraps the settings' ValueError
+        raise ConfigError(f"invalid model.guidance: {err}") from err
+    sam = build_from_settings(sam_settings(model_cfg.sam), device)
+    return SamGuidedRefiner(refiner, SamRunner(sam), guidance)
 
 
 def build_eval_datasets(

@@ -17,6 +17,9 @@ module        what
 ``maps``      SAM-SR v2.1: AMG masks painted in random colours (:func:`paint_sam_map`) and the one
               resize rule for SAM outputs (``INTER_NEAREST_EXACT``)
 ``prompts``   SAM-SR v2.2: point sets inside the coarse mask and the IoU-weighted merge
+``strategy``  the one interface of guidance before the refiner (:class:`Guidance`): v1's
+              :class:`V1Guidance`, v2.1's :class:`MapGuidance`, v2.2's :class:`PromptGuidance`,
+              each selected by ``_target_`` in its model config (``model.guidance``)
 ============  ===================================================================================
 
 Names are importable from the package (``from samsr.guidance import SamRunner``); each module is
@@ -33,11 +36,12 @@ _EXPORTS = {
               "build_tiny_sam", "image_encoder"),
     "runner": ("OUTPUT_MODES", "AmgConfig", "SamRunner"),
     "masks": ("decode_mask", "mask_area"),
-    "maps": ("COLOUR_RANGE", "annotation_area", "decode_annotation", "map_seed",
+    "maps": ("COLOUR_RANGE", "MapGuidance", "annotation_area", "decode_annotation", "map_seed",
              "paint_sam_map", "resize_nearest"),
-    "prompts": ("BatchPromptMaps", "PromptConfig", "grid_points", "merge_predictions", "point_sets",
-                "sam_prompt_maps"),
-    "v1": ("V1Config", "V1Decision", "V1Stats", "guided_coarse", "select_and_union"),
+    "prompts": ("BatchPromptMaps", "PromptConfig", "PromptGuidance", "grid_points",
+                "merge_predictions", "point_sets", "sam_prompt_maps"),
+    "strategy": ("Guidance", "Guided", "working_size"),
+    "v1": ("V1Config", "V1Guidance", "V1Decision", "V1Stats", "guided_coarse", "select_and_union"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from samsr.errors import DataError
 from samsr.guidance.rle import decode_rle_window, is_uncompressed_rle, rle_counts, rle_size
+from samsr.guidance.strategy import Guided
+
+if TYPE_CHECKING:
+    from samsr.guidance.runner import AmgConfig, SamRunner
 
 __all__ = [
     "COLOUR_RANGE",
+    "MapGuidance",
     "annotation_area",
     "decode_annotation",
     "map_seed",
@@ -172,3 +177,28 @@ def paint_sam_map(
                 raise DataError(f"decoded mask is {mask.shape}, expected {(mask_h, mask_w)}.")
             labels_t.T[mask] = label
     return resize_nearest(np.ascontiguousarray(palette[labels_t.T]), (height, width))
+
+
+class MapGuidance:
+    """SAM-SR v2.1: SAM's automatic masks painted in colours seeded by the image name, as 3 extra
+    channels (exactly the training cache's maps: same painting, same resize rule).
+
+    Args:
+        amg: SAM's automatic mask generation (its ``max_side`` is the working size).
+    """
+
+    def __init__(self, amg: AmgConfig) -> None:
+        self.amg = amg
+        self.max_side = amg.max_side
+
+    def guide(self, runner: SamRunner, image: np.ndarray, coarse: np.ndarray, name: str) -> Guided:
+        """The coarse mask unchanged, the colour map as extra channels."""
+        anns = runner.generate(self.amg)
+        return Guided(coarse, paint_sam_map(anns, coarse.shape[:2], map_seed(name)))
+
+    def report(self) -> dict[str, Any]:
+        """Nothing beyond SAM's time."""
+        return {}
+
+    def reset(self) -> None:
+        """Nothing to forget."""

@@ -17,17 +17,20 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from samsr.guidance.strategy import Guided
 
 if TYPE_CHECKING:
     from samsr.guidance.runner import SamRunner
 
 __all__ = [
     "BatchPromptMaps",
+    "PromptGuidance",
     "PromptConfig",
     "grid_points",
     "merge_predictions",
@@ -212,3 +215,31 @@ class BatchPromptMaps:
                 maps.append(sam_prompt_maps(self.runner.predict_points, mask, self.cfg, seed)[0])
         out = torch.from_numpy(np.stack(maps)).to(image.device, non_blocking=True)
         return out.permute(0, 3, 1, 2).float().div(255)
+
+
+class PromptGuidance:
+    """SAM-SR v2.2 at inference: point prompts inside the coarse mask, the merged SAM masks as 2
+    extra channels (seeded by the image name).
+
+    Args:
+        prompts: the prompt settings.
+        max_side: SAM encodes the image downscaled to this long side (None: full size).
+    """
+
+    def __init__(self, prompts: PromptConfig, max_side: int | None = None) -> None:
+        self.prompts = prompts
+        self.max_side = max_side
+
+    def guide(self, runner: SamRunner, image: np.ndarray, coarse: np.ndarray, name: str) -> Guided:
+        """The coarse mask unchanged, the prompt maps as extra channels."""
+        from samsr.guidance.maps import map_seed
+
+        maps, _ = sam_prompt_maps(runner.predict_points, coarse, self.prompts, map_seed(name))
+        return Guided(coarse, maps)
+
+    def report(self) -> dict[str, Any]:
+        """Nothing beyond SAM's time."""
+        return {}
+
+    def reset(self) -> None:
+        """Nothing to forget."""

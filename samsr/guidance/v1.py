@@ -23,14 +23,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
+from samsr.guidance.maps import resize_nearest
 from samsr.guidance.rle import decode_rle, decode_rle_window, rle_box, rle_counts, rle_size
+from samsr.guidance.strategy import Guided, working_size
+
+if TYPE_CHECKING:
+    from samsr.guidance.runner import AmgConfig, SamRunner
 
 __all__ = [
+    "V1Guidance",
     "REASONS",
     "SegmentationDecoder",
     "V1Config",
@@ -453,3 +459,35 @@ def _check_pair(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+class V1Guidance:
+    """SAM-SR v1: the union of the SAM masks the coarse mask covers replaces it, unless gated.
+
+    Args:
+        amg: SAM's automatic mask generation (its ``max_side`` is the working size).
+        gates: the selection threshold and the gates.
+    """
+
+    def __init__(self, amg: AmgConfig, gates: V1Config) -> None:
+        self.amg = amg
+        self.gates = gates
+        self.max_side = amg.max_side
+        self.stats = V1Stats()
+
+    def guide(self, runner: SamRunner, image: np.ndarray, coarse: np.ndarray, name: str) -> Guided:
+        """The coarse mask SAM's masks vote for (or the coarse mask itself), no extra channels."""
+        hw = coarse.shape[:2]
+        anns = runner.generate(self.amg)
+        small = resize_nearest(coarse, working_size(anns, hw))
+        guided, decision = guided_coarse(anns, small, self.gates)
+        self.stats.update(decision)
+        return Guided(resize_nearest(guided, hw) if decision.used else coarse, None)
+
+    def report(self) -> dict[str, Any]:
+        """``sam_v1``: how often SAM was used or skipped, and why."""
+        return {"sam_v1": self.stats.summary()}
+
+    def reset(self) -> None:
+        """Forgets the gate counts."""
+        self.stats = V1Stats()
