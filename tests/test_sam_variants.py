@@ -163,3 +163,23 @@ def test_each_variant_selects_its_guidance_strategy_by_target(tiny_cfg, model, s
     settings = {"v1": "gates", "amg": "amg", "prompts": "prompts"}[key.split(".")[-2]]
     assert getattr(getattr(guidance, settings), key.split(".")[-1]) == float(value)
     assert guidance.max_side is None
+
+
+def test_validation_builds_sam_once_per_run(tiny_cfg, monkeypatch):
+    # SAM-SR v2.2: one SAM for the training batches, one for every validation (built at the
+    # first, reused after); not a ViT load per validation
+    from samsr.guidance import build as sam_build
+
+    builds = []
+    real = sam_build.build_from_settings
+
+    def counting(*args, **kwargs):
+        builds.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sam_build, "build_from_settings", counting)
+    extra = ["trainer.max_steps=2", "trainer.val_every=1", "trainer.val_max_images=1"]
+    run_train(
+        tiny_cfg("train", ["model=samsr_v2_2", *SAM_TINY, *extra, "test_after_training=false"])
+    )
+    assert len(builds) == 2

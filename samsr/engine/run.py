@@ -52,6 +52,12 @@ def _dtype_name(inference_cfg: DictConfig) -> str:
     return str(inference_cfg.get("amp_dtype") or "float32")
 
 
+def build_predictor(model: nn.Module, cfg: DictConfig, device: torch.device) -> Any:
+    """The full-resolution predictor of ``model``: the cascade of ``cfg.inference``, behind SAM
+    and the model's guidance strategy for SAM-SR v1/v2.x."""
+    return build_sam_refiner(build_refiner(model, cfg.inference, device), cfg.model, device)
+
+
 def evaluate_model(
     model: nn.Module,
     cfg: DictConfig,
@@ -59,10 +65,14 @@ def evaluate_model(
     datasets: dict[str, Any],
     out_dir: str | Path | None,
     progress: bool = True,
+    predictor: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``datasets`` (source ->
-    :class:`~samsr.data.train_dataset.EvalDataset`, from :func:`build_eval_datasets`)."""
-    refiner = build_sam_refiner(build_refiner(model, cfg.inference, device), cfg.model, device)
+    :class:`~samsr.data.train_dataset.EvalDataset`, from :func:`build_eval_datasets`).
+
+    ``predictor`` (from :func:`build_predictor`) is reused when given: validation builds SAM
+    once per run, not once per validation."""
+    refiner = predictor if predictor is not None else build_predictor(model, cfg, device)
     cascade = cascade_config(cfg.inference)
     # the inference flags for SAM too (the refiner sets them for its own calls)
     with backend_flags(cascade.cudnn_benchmark, cascade.tf32) as flags:
@@ -145,10 +155,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     validate = None
     if cfg.data.get("val") and settings.val_every > 0:
         val_sets = build_eval_datasets(cfg.data, "val", settings.val_max_images)
+        predictors: dict[int, Any] = {}  # built at the first validation, then reused
 
         def validate(m: nn.Module, step: int) -> dict[str, float]:
             out = run_dir / "val" / f"step_{step:07d}"
-            res = evaluate_model(m, cfg, device, val_sets, out, progress=False)
+            if id(m) not in predictors:
+                predictors[id(m)] = build_predictor(m, cfg, device)
+            res = evaluate_model(m, cfg, device, val_sets, out, False, predictors[id(m)])
             return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
 
     test_sets = None
