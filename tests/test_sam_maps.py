@@ -369,3 +369,18 @@ def test_training_and_evaluation_maps_follow_one_rule(dataset, tmp_path):
     other.set_image(image, max_side=37)
     seed0 = paint_sam_map(other.generate(AmgConfig(**amg)), (70, 90), map_seed("tiny/img2"))
     assert not np.array_equal(seed0, cached)
+
+
+def test_one_manifest_comparison_for_both_caches():
+    from samsr.data.sam_cache import manifest_diffs
+
+    have = {"sam_type": "tiny", "amg": {"points_per_side": 4}, "info": {"date": "x"}, "extra": 1}
+    assert manifest_diffs(have, {"sam_type": "tiny", "amg": {"points_per_side": 4}}) == []
+    assert manifest_diffs(have, {"amg": {"points_per_side": 8}, "img_size": 64}) == [
+        "amg.points_per_side: cache 4, expected 8",
+        "img_size: cache (missing), expected 64",
+    ]
+    exact = manifest_diffs(
+        have, {"sam_type": "tiny", "amg": {"points_per_side": 4}}, True, ("info",)
+    )
+    assert exact == ["extra: cache 1, expected (missing)"]

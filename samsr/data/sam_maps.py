@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from samsr.data import sam_cache
 from samsr.data.io import DataError, atomic_write_bytes, read_image
+from samsr.data.sam_cache import MANIFEST_NAME, absolute, dataset_root_of, map_name
 
 __all__ = [
     "dataset_root_of",
@@ -59,38 +61,12 @@ __all__ = [
 
 FORMAT_VERSION = 1
 """Version of the map format (painting rule + file layout); bump it when either changes."""
-MANIFEST_NAME = "manifest.json"
 MAP_SUFFIX = "_sam.png"
 _KEY_CHUNK = "samsr_sam_map"
 _INFO = "info"
 _PRECOMPUTE = "python scripts/precompute_sam.py"
 
 # --------------------------------------------------------------------------- cache layout
-
-
-def _abs(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(path))
-
-
-def map_name(dataset_root: str | os.PathLike[str], image_path: str | os.PathLike[str]) -> str:
-    """The cache name of an image: ``<root folder name>/<rel>/<stem>`` (POSIX separators).
-
-    Raises:
-        DataError: The image is not inside ``dataset_root``.
-    """
-    root, image = _abs(dataset_root), _abs(image_path)
-    if not root.name:
-        raise DataError(f"dataset root {dataset_root} has no folder name; use a sub-folder.")
-    try:
-        rel = image.relative_to(root)
-    except ValueError:
-        try:
-            rel = image.resolve().relative_to(root.resolve())
-        except ValueError:
-            raise DataError(
-                f"image {image_path} is not inside dataset root {dataset_root}."
-            ) from None
-    return (Path(root.name) / rel.with_suffix("")).as_posix()
 
 
 def map_path(
@@ -148,37 +124,15 @@ def read_manifest(cache_root: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The cache's manifest, or None if there is none.
 
     Raises:
-        DataError: The manifest exists but is not valid JSON.
+        DataError: The manifest exists but is not a valid JSON object.
     """
-    path = Path(cache_root) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot read SAM cache manifest {path}: {exc}. Rerun {_PRECOMPUTE} with --overwrite."
-        ) from exc
+    fix = f"Rerun {_PRECOMPUTE} with --overwrite."
+    return sam_cache.read_manifest(cache_root, "SAM cache", fix)
 
 
 def write_manifest(cache_root: str | os.PathLike[str], manifest: Mapping[str, Any]) -> Path:
     """Writes ``<cache_root>/manifest.json`` atomically; returns its path."""
-    path = Path(cache_root) / MANIFEST_NAME
-    text = json.dumps(dict(manifest), indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
-    return path
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, Mapping) and data:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-_MISSING = object()
+    return sam_cache.write_manifest(cache_root, manifest)
 
 
 def check_manifest(
@@ -209,18 +163,7 @@ def check_manifest(
         )
     identity = {k: v for k, v in expected.items() if k != _INFO}
     wanted = json.loads(json.dumps(identity, default=_jsonable))
-    have = _flatten(manifest)
-    diffs = []
-    for key, value in _flatten(wanted).items():
-        got = have.get(key, _MISSING)
-        if got != value:
-            got_text = "(missing)" if got is _MISSING else json.dumps(got)
-            diffs.append(f"{key}: cache {got_text}, expected {json.dumps(value)}")
-    if exact:
-        wanted_keys = _flatten(wanted)
-        for key, got in have.items():
-            if key not in wanted_keys and key.split(".")[0] != _INFO:
-                diffs.append(f"{key}: cache {json.dumps(got)}, expected (missing)")
+    diffs = sam_cache.manifest_diffs(manifest, wanted, exact=exact, ignore=(_INFO,))
     if diffs:
         raise DataError(
             f"SAM cache {cache_root} was made with other settings ({'; '.join(diffs)}). Use "
@@ -294,28 +237,6 @@ def load_map(
     return sam_map
 
 
-def dataset_root_of(
-    roots: Sequence[Path], image_path: str | os.PathLike[str], who: str = "loader"
-) -> Path:
-    """The root among ``roots`` (absolute, deepest first) that holds ``image_path``.
-
-    Raises:
-        DataError: No root holds it (``who`` names the caller in the message).
-    """
-    image = _abs(image_path)
-    for root in roots:
-        if image.is_relative_to(root):
-            return root
-    resolved = image.resolve()
-    for root in roots:
-        if resolved.is_relative_to(root.resolve()):
-            return root
-    raise DataError(
-        f"image {image_path} is under none of the {who}'s dataset roots "
-        f"{[str(r) for r in roots]}; add its root to dataset_roots."
-    )
-
-
 class SamMapLoader:
     """Reads cached SAM maps; an ``extra_loader`` for ``RefinementTrainDataset``.
 
@@ -343,7 +264,9 @@ class SamMapLoader:
         if not dataset_roots:
             raise DataError("SamMapLoader needs at least one dataset root.")
         self.cache_root = Path(cache_root)
-        self.dataset_roots = sorted((_abs(r) for r in dataset_roots), key=lambda p: -len(p.parts))
+        self.dataset_roots = sorted(
+            (absolute(r) for r in dataset_roots), key=lambda p: -len(p.parts)
+        )
         self.manifest = (
             check_manifest(self.cache_root, expected_manifest)
             if expected_manifest is not None

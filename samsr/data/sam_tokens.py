@@ -12,7 +12,6 @@ instead of one per sample.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -22,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from samsr.data import sam_cache
 from samsr.data.io import DataError
-from samsr.data.sam_maps import dataset_root_of, map_name
+from samsr.data.sam_cache import dataset_root_of, map_name
 from samsr.data.transforms import CropFlip
 from samsr.models.components.sam_frame import Frame, sample_tokens, valid_grid
 
@@ -85,27 +85,24 @@ class SamTokenLoader:
         return f"{_PRECOMPUTE} --images {images} --out {shlex.quote(str(self.cache_dir))} {sam}"
 
     def _check_manifest(self) -> None:
-        path = self.cache_dir / "manifest.json"
-        if not path.is_file():
+        fix = f"Remake it with {self._command()} --overwrite"
+        manifest = sam_cache.read_manifest(self.cache_dir, "SAM embedding cache", fix)
+        if manifest is None:
             raise DataError(
-                f"no SAM embedding cache at {self.cache_dir} (no manifest.json). Make it with: "
-                f"{self._command()} (or set model.train_tokens.precompute=true)"
+                f"no SAM embedding cache at {self.cache_dir} (no {sam_cache.MANIFEST_NAME}). "
+                f"Make it with: {self._command()} (or set model.train_tokens.precompute=true)"
             )
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise DataError(f"unreadable SAM embedding manifest {path}: {err}") from err
         expected = {
             "format": EMBEDDINGS_FORMAT,
             "sam_type": self.sam_type,
             "img_size": self.img_size,
             "patch": self.patch,
         }
-        wrong = {k: manifest.get(k) for k, v in expected.items() if manifest.get(k) != v}
-        if wrong:
+        diffs = sam_cache.manifest_diffs(manifest, expected)
+        if diffs:
             raise DataError(
-                f"the SAM embeddings in {self.cache_dir} were made with {wrong}, the model needs "
-                f"{ {k: expected[k] for k in wrong} }: use another model.train_tokens.cache_dir "
+                f"the SAM embeddings in {self.cache_dir} were made with other settings than the "
+                f"model needs ({'; '.join(diffs)}): use another model.train_tokens.cache_dir "
                 f"or remake them with {self._command()} --overwrite"
             )
 

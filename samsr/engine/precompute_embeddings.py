@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
@@ -46,7 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from samsr.data import sam_cache
 from samsr.data.io import DataError, atomic_write_bytes, read_image
+from samsr.data.sam_cache import MANIFEST_NAME
 from samsr.data.sam_tokens import EMBEDDING_SUFFIX, EMBEDDINGS_FORMAT
 from samsr.engine.precompute import (
     ImageItem,
@@ -80,7 +81,6 @@ __all__ = [
 ]
 
 EMBEDDINGS_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 MANIFEST_KEYS = ("format", "version", "sam_type", "img_size", "patch", "channels")
 _SCRIPT = "scripts/precompute_sam_embeddings.py"
 
@@ -137,22 +137,8 @@ def read_embeddings_manifest(cache_dir: str | os.PathLike[str]) -> dict[str, Any
     Raises:
         DataError: The manifest exists but is not a JSON object.
     """
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(
-            f"cannot read SAM embedding cache manifest {path}: {exc}. Rerun {_SCRIPT} with "
-            "--overwrite, or use another --out folder."
-        ) from exc
-    if not isinstance(data, dict):
-        raise DataError(
-            f"SAM embedding cache manifest {path} is not a JSON object. Rerun {_SCRIPT} with "
-            "--overwrite, or use another --out folder."
-        )
-    return data
+    fix = f"Rerun {_SCRIPT} with --overwrite, or use another --out folder."
+    return sam_cache.read_manifest(cache_dir, "SAM embedding cache", fix)
 
 
 def check_embeddings_manifest(
@@ -172,11 +158,7 @@ def check_embeddings_manifest(
             f"no SAM embedding cache manifest in {cache_dir} ({MANIFEST_NAME}). Run {_SCRIPT} "
             "first (or let training precompute the embeddings)."
         )
-    diffs = [
-        f"{key}: cache {json.dumps(manifest.get(key))}, expected {json.dumps(value)}"
-        for key, value in expected.items()
-        if manifest.get(key) != value
-    ]
+    diffs = sam_cache.manifest_diffs(manifest, expected)
     if diffs:
         foreign = "format" in expected and manifest.get("format") != expected["format"]
         what = "is not a SAM embedding cache" if foreign else "was made with other settings"
@@ -215,8 +197,7 @@ def prepare_embeddings_cache(
         check_embeddings_manifest(cache_dir, manifest)
         return
     if write and (existing is None or any(existing.get(k) != v for k, v in manifest.items())):
-        text = json.dumps(dict(manifest), indent=2) + "\n"
-        atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, text.encode("utf-8"))
+        sam_cache.write_manifest(cache_dir, manifest)
 
 
 def embedding_is_complete(path: str | os.PathLike[str], channels: int) -> bool:
