@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ from samsr.engine.builders import (
 from samsr.engine.evaluator import evaluate, format_results
 from samsr.engine.trainer import Trainer
 
+if TYPE_CHECKING:
+    from samsr.inference import Refiner
+    from samsr.inference.sam_refiner import SamGuidedRefiner
+
 log = logging.getLogger(__name__)
 
 # Metrics logged to TensorBoard during validation.
@@ -52,7 +56,9 @@ def _dtype_name(inference_cfg: DictConfig) -> str:
     return str(inference_cfg.get("amp_dtype") or "float32")
 
 
-def build_predictor(model: nn.Module, cfg: DictConfig, device: torch.device) -> Any:
+def build_predictor(
+    model: nn.Module, cfg: DictConfig, device: torch.device
+) -> Refiner | SamGuidedRefiner:
     """The full-resolution predictor of ``model``: the cascade of ``cfg.inference``, behind SAM
     and the model's guidance strategy for SAM-SR v1/v2.x."""
     return build_sam_refiner(build_refiner(model, cfg.inference, device), cfg.model, device)
@@ -65,7 +71,7 @@ def evaluate_model(
     datasets: dict[str, Any],
     out_dir: str | Path | None,
     progress: bool = True,
-    predictor: Any = None,
+    predictor: Refiner | SamGuidedRefiner | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``datasets`` (source ->
     :class:`~samsr.data.train_dataset.EvalDataset`, from :func:`build_eval_datasets`).
@@ -155,7 +161,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     validate = None
     if cfg.data.get("val") and settings.val_every > 0:
         val_sets = build_eval_datasets(cfg.data, "val", settings.val_max_images)
-        predictors: dict[int, Any] = {}  # built at the first validation, then reused
+        predictors: dict[int, Refiner | SamGuidedRefiner] = {}  # built once, then reused
 
         def validate(m: nn.Module, step: int) -> dict[str, float]:
             out = run_dir / "val" / f"step_{step:07d}"
