@@ -4,7 +4,7 @@
 --out data/sam_maps/vit_h --sam-type vit_h --sam-checkpoint checkpoints/sam_vit_h_4b8939.pth``
 
 Each image gets SAM's automatic mask generation (AMG) and its masks painted into a colour map
-(:func:`samsr.data.sam_maps.paint_sam_map`), written atomically to the cache layout of
+(:func:`samsr.guidance.maps.paint_sam_map`), written atomically to the cache layout of
 :mod:`samsr.data.sam_maps`. The manifest is written (or checked) before any map: a rerun with other
 settings into the same cache fails unless ``--overwrite``. Maps already made with the current
 settings are skipped, so an interrupted run is resumed by running it again. A failing image is

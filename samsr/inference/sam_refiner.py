@@ -1,20 +1,20 @@
-"""SAM-guided refinement at full resolution: SAM-SR v1 and v2.1 on top of a CRM :class:`Refiner`.
+"""SAM-guided refinement at full resolution: SAM-SR v1, v2.1, v2.2 on top of a CRM :class:`Refiner`.
 
-Per image, SAM's image encoder and automatic mask generation (AMG) run once
-(:class:`samsr.guidance.SamRunner`), then
+Per image, SAM's image encoder runs once (:class:`samsr.guidance.SamRunner`), then the model's
+guidance strategy (:mod:`samsr.guidance.strategy`) gives the refiner its inputs:
 
 * **v1**: the SAM masks the coarse mask covers enough are united and replace the coarse mask as
   CRM's input, unless a gate says SAM would not help (:mod:`samsr.guidance.v1`);
 * **v2.1**: the masks are painted into the area-sorted, randomly coloured RGB map
-  (:func:`samsr.data.sam_maps.paint_sam_map`, seeded by the image name) that the 7-channel CRM takes
+  (:func:`samsr.guidance.maps.paint_sam_map`, seeded by the image name) that the 7-channel CRM takes
   as extra input;
 * **v2.2**: no AMG; sets of three grid points inside the coarse mask prompt SAM, and the
   confidence-weighted merge of its masks is 2 extra channels (:mod:`samsr.guidance.prompts`).
 
 SAM and refiner costs are timed apart (``last_times``; :meth:`report` gives their means), because
 the thesis reports them apart. With ``AmgConfig.max_side`` SAM sees a downscaled image: the
-selection (v1) and the painting (v2.1) happen at that size and the result is upscaled with nearest
-neighbour to the full resolution.
+selection (v1) and the painting (v2.1) happen at that size and the result is resized to the full
+resolution with the one nearest rule (:func:`samsr.guidance.maps.resize_nearest`).
 """
 
 from __future__ import annotations
