@@ -10,6 +10,7 @@ import pickle
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -165,9 +166,8 @@ TOKEN_SOURCES = ("per_crop", "cached")
 
 def sam_geometry(sam_cfg: DictConfig) -> tuple[str, int, int]:
     """(SAM type, encoder input side, patch) of a ``model.sam`` config (SAM-SR v3's tokens)."""
-    if sam_cfg.get("tiny"):
-        return "tiny", int(sam_cfg.get("tiny_img_size", 64)), 16
-    return str(sam_cfg.type), 1024, 16
+    sam = sam_settings(sam_cfg)
+    return sam.kind, (int(sam.tiny_img_size) if sam.tiny else 1024), 16
 
 
 def token_source(model_cfg: DictConfig | None) -> str:
@@ -228,13 +228,11 @@ def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
 
     (The checkpoint file is not compared: training needs only the maps, not SAM itself.)
     """
-    from samsr.guidance.runner import AmgConfig
-
     sam_cfg = model_cfg.sam
-    amg_values = dataclasses.asdict(_settings(AmgConfig, sam_cfg.amg, "model.sam.amg"))
+    amg_values = dataclasses.asdict(amg_settings(sam_cfg))
     amg_values = json.loads(json.dumps(amg_values))  # tuples -> lists, as in the manifest
     amg_values.pop("points_per_batch", None)  # batching does not change the masks
-    return {"sam_type": "tiny" if sam_cfg.get("tiny") else str(sam_cfg.type), "amg": amg_values}
+    return {"sam_type": sam_settings(sam_cfg).kind, "amg": amg_values}
 
 
 def train_settings(trainer_cfg: DictConfig) -> TrainSettings:
@@ -269,7 +267,7 @@ def build_sam_refiner(
 
     try:
         guidance = instantiate(guidance_cfg)
-    except Exception as err:  # noqa: BLE001 - Hydra wraps the settings' ValueError
+    except InstantiationException as err:  # e.g. a settings dataclass refusing a value
         raise ConfigError(f"invalid model.guidance: {err}") from err
     sam = build_from_settings(sam_settings(model_cfg.sam), device)
     return SamGuidedRefiner(refiner, SamRunner(sam), guidance)

@@ -327,7 +327,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def sam_settings(args: argparse.Namespace) -> SamSettings:
+def sam_from_args(args: argparse.Namespace) -> SamSettings:
     """The SAM the precompute flags name (``--sam-type/--sam-checkpoint`` or ``--tiny-sam``)."""
     return SamSettings(
         type=args.sam_type,
@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         summary = make_sam_maps(
-            args.images, args.out, sam_settings(args), _amg_config(args), args.device,
+            args.images, args.out, sam_from_args(args), _amg_config(args), args.device,
             args.layout, args.shard, args.overwrite, not args.no_progress,
             shlex.join(["scripts/precompute_sam.py", *argv]),
         )  # fmt: skip

@@ -57,7 +57,7 @@ from samsr.engine.precompute import (
     collect_images,
     report_summary,
     run_per_image,
-    sam_settings,
+    sam_from_args,
 )
 from samsr.errors import report_error
 from samsr.guidance.build import SamSettings
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = make_sam_embeddings(
-            args.images, args.out, sam_settings(args), args.device, args.layout, args.shard,
+            args.images, args.out, sam_from_args(args), args.device, args.layout, args.shard,
             args.overwrite, not args.no_progress,
         )  # fmt: skip
     except (DataError, FileNotFoundError, ValueError) as exc:

@@ -161,13 +161,14 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     validate = None
     if cfg.data.get("val") and settings.val_every > 0:
         val_sets = build_eval_datasets(cfg.data, "val", settings.val_max_images)
-        predictors: dict[int, Refiner | SamGuidedRefiner] = {}  # built once, then reused
+        predictor: Refiner | SamGuidedRefiner | None = None  # built at the first validation
 
         def validate(m: nn.Module, step: int) -> dict[str, float]:
+            nonlocal predictor
             out = run_dir / "val" / f"step_{step:07d}"
-            if id(m) not in predictors:
-                predictors[id(m)] = build_predictor(m, cfg, device)
-            res = evaluate_model(m, cfg, device, val_sets, out, False, predictors[id(m)])
+            if predictor is None:
+                predictor = build_predictor(m, cfg, device)
+            res = evaluate_model(m, cfg, device, val_sets, out, False, predictor)
             return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
 
     test_sets = None

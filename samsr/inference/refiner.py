@@ -9,9 +9,7 @@ truncated, not rounded.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -91,12 +89,26 @@ class Refiner:
         refine_s = t.get("call", 0.0) - t["sam"]
         return {"sam_ms": 1000 * t["sam"] / self.calls, "refine_ms": 1000 * refine_s / self.calls}
 
-    @contextlib.contextmanager
-    def _context(self) -> Iterator[None]:
-        """Inference mode, autocast and the cascade's cuDNN/TF32 flags for one call."""
+    def _run(self, image_t: Tensor, coarse_t: Tensor, extra: Tensor | None) -> Tensor:
+        """The cascade under inference mode, autocast and the cascade's cuDNN/TF32 flags.
+
+        With ``timings`` on, the call's seconds (device synchronised on both sides, once per
+        image) are added to ``timings["call"]``.
+        """
+        timed = self.timings is not None
+        self.calls += 1
+        if timed:
+            synchronize(self.device)
+        t0 = time.perf_counter()
         flags = backend_flags(self.cascade.cudnn_benchmark, self.cascade.tf32)
         with flags, torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            yield
+            prob = refine(
+                self.model, image_t, coarse_t, self.cascade, extra, self.timings, self.profile
+            )
+        if timed:
+            synchronize(self.device)
+            self.timings["call"] = self.timings.get("call", 0.0) + time.perf_counter() - t0
+        return prob
 
     def reset(self) -> None:
         """Clears the accumulated timings (e.g. between coarse sources)."""
@@ -122,11 +134,7 @@ class Refiner:
         coarse_t = coarse_t.to(self.device, torch.float32)
         if extra is not None:
             extra = extra.to(self.device)
-        self.calls += 1
-        with self._context():
-            return refine(
-                self.model, image_t, coarse_t, self.cascade, extra, self.timings, self.profile
-            )
+        return self._run(image_t, coarse_t, extra)
 
     def __call__(
         self, image: np.ndarray, coarse: np.ndarray, extra: np.ndarray | None = None
@@ -182,16 +190,6 @@ class Refiner:
                 )
             extra_t = torch.from_numpy(np.ascontiguousarray(extra)).to(self.device)
             extra_t = extra_t.permute(2, 0, 1).unsqueeze(0)
-        self.calls += 1
-        if self.timings is not None:
-            synchronize(self.device)
-        t0 = time.perf_counter()
-        with self._context():
-            prob = refine(
-                self.model, image_t, coarse_t, self.cascade, extra_t, self.timings, self.profile
-            )
+        prob = self._run(image_t, coarse_t, extra_t)
         # ref tensor_to_gray_im: (prob * 255).astype('uint8'), truncation
-        out = (prob[0, 0] * 255).to(torch.uint8).cpu().numpy()  # the copy waits for the device
-        if self.timings is not None:
-            self.timings["call"] = self.timings.get("call", 0.0) + time.perf_counter() - t0
-        return out
+        return (prob[0, 0] * 255).to(torch.uint8).cpu().numpy()
