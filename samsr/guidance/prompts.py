@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samsr.guidance.maps import map_seed
 from samsr.guidance.strategy import Guided
 
 if TYPE_CHECKING:
@@ -232,8 +233,6 @@ class PromptGuidance:
 
     def guide(self, runner: SamRunner, image: np.ndarray, coarse: np.ndarray, name: str) -> Guided:
         """The coarse mask unchanged, the prompt maps as extra channels."""
-        from samsr.guidance.maps import map_seed
-
         maps, _ = sam_prompt_maps(runner.predict_points, coarse, self.prompts, map_seed(name))
         return Guided(coarse, maps)
 
