@@ -54,15 +54,12 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------ training
 
 
-def _precompute_v2_1_maps(cfg, device: torch.device) -> None:
+def _make_train_caches(cfg, device: torch.device) -> None:
     """SAM-SR v2.1 trains on precomputed SAM maps: make them with the tiny SAM (on the device)."""
-    from samsr.engine.builders import amg_settings, sam_settings
-    from samsr.engine.precompute import make_sam_maps
+    from samsr.engine.builders import make_train_caches
 
     roots = [str(r) for r in cfg.data.train.roots]
-    cache = str(cfg.model.sam_maps.cache_dir)
-    sam, amg = sam_settings(cfg.model.sam), amg_settings(cfg.model.sam)
-    assert not make_sam_maps(roots, cache, sam, amg, str(device), progress=False).failed
+    assert not any(s.failed for _, s in make_train_caches(cfg.model, roots, device))
 
 
 # bf16 and fp16 autocast on every device. On CUDA, fp16 goes through the trainer's GradScaler
@@ -84,8 +81,8 @@ def test_three_training_steps_on_device(device_under_test, tmp_path, model, amp)
     if cfg.model.get("sam", {}).get("amg"):  # v1/v2 run AMG; v3's SAM is tiny through TINY_V3
         cfg = compose(extra + SAM_TINY)
     prepare_data(cfg.data)
-    if cfg.model.get("sam_maps"):
-        _precompute_v2_1_maps(cfg, device)
+    if cfg.model.train_inputs:
+        _make_train_caches(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
     torch.manual_seed(0)
     net = build_model(cfg.model)

@@ -49,7 +49,7 @@ def test_v2_1_trains_from_crm_weights_on_precomputed_maps(tiny_cfg, tmp_path):
     with pytest.raises(DataError, match="precompute_sam"):
         run_train(cfg)
     # one command: the missing maps are made first with the model's SAM settings
-    res = run_train(tiny_cfg("train", [*overrides, "model.sam_maps.precompute=true"]))
+    res = run_train(tiny_cfg("train", [*overrides, "model.precompute=true"]))
     assert (cache / "manifest.json").is_file()
     for m in res["test"].values():  # evaluated with SAM on the fly
         assert m["num_images"] == 2 and m["sam_ms"] > 0
@@ -110,7 +110,7 @@ def test_v3_trains_on_cached_sam_embeddings_from_one_command(tiny_cfg, tmp_path)
     cache = tmp_path / "emb"
     overrides = [
         "model=samsr_v3_3",
-        "model.train_tokens.source=cached",
+        "model/train_tokens=cached",
         f"model.train_tokens.cache_dir={cache}",
         "trainer.max_steps=2",
         "trainer.val_every=0",
@@ -119,7 +119,7 @@ def test_v3_trains_on_cached_sam_embeddings_from_one_command(tiny_cfg, tmp_path)
     # without embeddings: a clear error naming the command that makes them
     with pytest.raises(DataError, match="precompute_sam_embeddings"):
         run_train(tiny_cfg("train", overrides))
-    res = run_train(tiny_cfg("train", [*overrides, "model.train_tokens.precompute=true"]))
+    res = run_train(tiny_cfg("train", [*overrides, "model.precompute=true"]))
     assert load_checkpoint(res["checkpoint"])["step"] == 2
     assert len(list(cache.rglob("*_emb.npy"))) == 4  # every training image, once
     assert (cache / "manifest.json").is_file()

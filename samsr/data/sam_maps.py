@@ -25,6 +25,7 @@ of both: maps with another hash are recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ import os
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -40,6 +41,9 @@ from PIL import Image, PngImagePlugin
 from samsr.data import sam_cache
 from samsr.data.io import DataError, atomic_write_bytes, read_image
 from samsr.data.sam_cache import MANIFEST_NAME, absolute, dataset_root_of, map_name
+
+if TYPE_CHECKING:
+    from samsr.guidance.runner import AmgConfig
 
 __all__ = [
     "dataset_root_of",
@@ -51,7 +55,9 @@ __all__ = [
     "load_map",
     "make_manifest",
     "manifest_key",
+    "map_identity",
     "map_is_current",
+    "map_loader",
     "map_name",
     "map_path",
     "read_manifest",
@@ -304,6 +310,28 @@ class SamMapLoader:
                 f"{self._hint(root)}"
             )
         return load_map(path, hw)
+
+
+def map_identity(sam_kind: str, amg: AmgConfig) -> dict[str, Any]:
+    """What cached maps must have been made with: SAM's kind and the AMG settings (its
+    ``points_per_batch`` aside: batching does not change the masks; nor the checkpoint file:
+    training needs only the maps, not SAM itself)."""
+    amg_values = json.loads(json.dumps(dataclasses.asdict(amg), default=_jsonable))
+    amg_values.pop("points_per_batch", None)
+    return {"sam_type": sam_kind, "amg": amg_values}
+
+
+def map_loader(
+    cache_dir: str | os.PathLike[str],
+    dataset_roots: Sequence[str | os.PathLike[str]],
+    sam_type: str,
+    tiny: bool,
+    amg: AmgConfig,
+) -> SamMapLoader:
+    """The loader of a model's cached maps (``model.train_inputs.extra_loader.loader``), with
+    the cache's manifest checked against the model's SAM (``tiny`` or ``sam_type``) and AMG."""
+    identity = map_identity("tiny" if tiny else sam_type, amg)
+    return SamMapLoader(cache_dir, dataset_roots, expected_manifest=identity)
 
 
 def _read_manifest_quietly(cache_root: str | os.PathLike[str]) -> dict[str, Any] | None:

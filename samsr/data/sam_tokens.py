@@ -25,9 +25,10 @@ from samsr.data import sam_cache
 from samsr.data.io import DataError
 from samsr.data.sam_cache import dataset_root_of, map_name
 from samsr.data.transforms import CropFlip
+from samsr.guidance.build import PATCH, SamSettings
 from samsr.models.components.sam_frame import Frame, sample_tokens, valid_grid
 
-__all__ = ["EMBEDDING_SUFFIX", "EMBEDDINGS_FORMAT", "SamTokenLoader", "crop_frame"]
+__all__ = ["EMBEDDING_SUFFIX", "EMBEDDINGS_FORMAT", "SamTokenLoader", "crop_frame", "token_loader"]
 
 EMBEDDINGS_FORMAT = "samsr-sam-embeddings"
 EMBEDDING_SUFFIX = "_emb.npy"
@@ -141,3 +142,16 @@ class SamTokenLoader:
             grid,
         )
         return {"sam_tokens": tokens[0].half()}
+
+
+def token_loader(
+    cache_dir: str | os.PathLike[str],
+    dataset_roots: Sequence[str | os.PathLike[str]],
+    sam_type: str,
+    tiny: bool,
+    tiny_img_size: int,
+) -> SamTokenLoader:
+    """The loader of a SAM-SR v3 model's cached tokens (``model/train_tokens=cached``): the cache
+    must hold the embeddings of the model's SAM (``tiny`` or ``sam_type``, at its input side)."""
+    settings = SamSettings(type=sam_type, tiny=tiny, tiny_img_size=int(tiny_img_size))
+    return SamTokenLoader(cache_dir, dataset_roots, settings.kind, settings.input_size, PATCH)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import pickle
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,8 +50,10 @@ def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = 
     model = instantiate(net)
     if weights:
         # SAM-SR v1 runs an unchanged CRM: checkpoints of ``weights_name`` fit too
+        # (.get: the stored config of a checkpoint of an older samsr may lack the key)
         also = (str(model_cfg.weights_name),) if model_cfg.get("weights_name") else ()
-        load_model_weights(model, weights, model_name=model_cfg.get("name"), init=init, also=also)
+        name = model_cfg.get("name")
+        load_model_weights(model, weights, model_name=name, init=init, also=also)
     return model
 
 
@@ -139,58 +140,43 @@ def prepare_data(data_cfg: DictConfig) -> None:
         instantiate(data_cfg.prepare)
 
 
-def build_train_dataset(
-    data_cfg: DictConfig, model_cfg: DictConfig | None = None
-) -> torch.utils.data.Dataset:
-    """The training dataset of ``data.train`` (with precomputed SAM maps if the model uses them)."""
+def build_train_dataset(data_cfg: DictConfig, model_cfg: DictConfig) -> torch.utils.data.Dataset:
+    """The training dataset of ``data.train``, with what the model reads beside each crop
+    (``model.train_inputs``: SAM-SR v2.1's cached maps, v3's cached tokens)."""
     if not data_cfg.get("train"):
         raise ConfigError(
             f"data={data_cfg.get('name')} has no training set (data.train is null); "
             "train with data=train_merged, data=duts_sample or data=synthetic."
         )
-    loader = _token_loader(data_cfg, model_cfg)
-    if loader is not None:  # SAM-SR v3, cached training scheme
-        return instantiate(data_cfg.train, side_loader=loader)
-    maps = model_cfg.get("sam_maps") if model_cfg is not None else None
-    if not maps:
-        return instantiate(data_cfg.train)
-    from samsr.data.sam_maps import SamMapLoader
-
     roots = [str(r) for r in data_cfg.train.roots]
-    loader = SamMapLoader(str(maps.cache_dir), roots, expected_manifest=_sam_identity(model_cfg))
-    return instantiate(data_cfg.train, extra_loader=loader)
-
-
-TOKEN_SOURCES = ("per_crop", "cached")
-
-
-def sam_geometry(sam_cfg: DictConfig) -> tuple[str, int, int]:
-    """(SAM type, encoder input side, patch) of a ``model.sam`` config (SAM-SR v3's tokens)."""
-    sam = sam_settings(sam_cfg)
-    return sam.kind, (int(sam.tiny_img_size) if sam.tiny else 1024), 16
-
-
-def token_source(model_cfg: DictConfig | None) -> str:
-    """``model.train_tokens.source`` (``per_crop`` when absent), validated."""
-    tokens = model_cfg.get("train_tokens") if model_cfg is not None else None
-    source = str(tokens.get("source", "per_crop")) if tokens else "per_crop"
-    if source not in TOKEN_SOURCES:
-        raise ConfigError(
-            f"model.train_tokens.source must be one of {TOKEN_SOURCES}, got {source!r}."
+    inputs = {
+        keyword: _instantiate(node.loader, f"model.train_inputs.{keyword}.loader")(
+            dataset_roots=roots
         )
-    return source
+        for keyword, node in model_cfg.train_inputs.items()
+    }
+    return instantiate(data_cfg.train, **inputs)
 
 
-def _token_loader(data_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
-    if token_source(model_cfg) != "cached":
-        return None
-    from samsr.data.sam_tokens import SamTokenLoader
+def make_train_caches(
+    model_cfg: DictConfig, roots: list[str], device: torch.device
+) -> list[tuple[str, Any]]:
+    """Makes the missing cache files of every ``model.train_inputs`` entry (its ``make``) with
+    the model's SAM; returns ``(cache folder, summary)`` per entry. Current files are skipped."""
+    sam = sam_settings(model_cfg.sam)
+    done = []
+    for keyword, node in model_cfg.train_inputs.items():
+        make = _instantiate(node.make, f"model.train_inputs.{keyword}.make")
+        done.append((str(node.make.out), make(images=roots, sam=sam, device=str(device))))
+    return done
 
-    assert model_cfg is not None
-    sam_type, img_size, patch = sam_geometry(model_cfg.sam)
-    roots = [str(r) for r in data_cfg.train.roots]
-    cache = str(model_cfg.train_tokens.cache_dir)
-    return SamTokenLoader(cache, roots, sam_type, img_size, patch)
+
+def _instantiate(node: DictConfig, where: str) -> Any:
+    """``instantiate(node)``; a dataclass refusing a value -> ConfigError naming ``where``."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        raise ConfigError(f"invalid {where}: {err}") from err
 
 
 def sam_settings(sam_cfg: DictConfig) -> SamSettings:
@@ -223,34 +209,22 @@ def _settings(cls: type[T], node: DictConfig, where: str) -> T:
         raise ConfigError(f"invalid {where}: {err}") from err
 
 
-def _sam_identity(model_cfg: DictConfig) -> dict[str, Any]:
-    """What the cached maps must have been made with: this model's SAM type and AMG settings.
-
-    (The checkpoint file is not compared: training needs only the maps, not SAM itself.)
-    """
-    sam_cfg = model_cfg.sam
-    amg_values = dataclasses.asdict(amg_settings(sam_cfg))
-    amg_values = json.loads(json.dumps(amg_values))  # tuples -> lists, as in the manifest
-    amg_values.pop("points_per_batch", None)  # batching does not change the masks
-    return {"sam_type": sam_settings(sam_cfg).kind, "amg": amg_values}
-
-
 def train_settings(trainer_cfg: DictConfig) -> TrainSettings:
     """The training-loop settings of ``trainer`` (bad or unknown keys: ConfigError)."""
     return _settings(TrainSettings, trainer_cfg, "trainer")
 
 
 def build_train_guidance(model_cfg: DictConfig, device: torch.device) -> BatchPromptMaps | None:
-    """What the trainer runs on each batch on its device (SAM-SR v2.2's prompt maps), or None."""
-    if not model_cfg.get("prompts"):
+    """What the trainer runs on each batch on its device (``model.train_guidance``: SAM-SR
+    v2.2's prompt maps, with the model's SAM on ``device``), or None."""
+    if model_cfg.train_guidance is None:
         return None
     from samsr.guidance.build import build_from_settings
-    from samsr.guidance.prompts import BatchPromptMaps, PromptConfig
     from samsr.guidance.runner import SamRunner
 
-    prompts = _settings(PromptConfig, model_cfg.prompts, "model.prompts")
+    make = _instantiate(model_cfg.train_guidance, "model.train_guidance")
     sam = build_from_settings(sam_settings(model_cfg.sam), device)
-    return BatchPromptMaps(SamRunner(sam), prompts)
+    return make(runner=SamRunner(sam))
 
 
 def build_sam_refiner(
@@ -258,17 +232,13 @@ def build_sam_refiner(
 ) -> Refiner | SamGuidedRefiner:
     """Composes SAM, the model's guidance strategy (``model.guidance``) and ``refiner`` for
     SAM-SR v1/v2.x; returns ``refiner`` itself for models without one (CRM, SAM-SR v3)."""
-    guidance_cfg = model_cfg.get("guidance")
-    if not guidance_cfg:
+    if model_cfg.guidance is None:
         return refiner
     from samsr.guidance.build import build_from_settings
     from samsr.guidance.runner import SamRunner
     from samsr.inference.sam_refiner import SamGuidedRefiner
 
-    try:
-        guidance = instantiate(guidance_cfg)
-    except InstantiationException as err:  # e.g. a settings dataclass refusing a value
-        raise ConfigError(f"invalid model.guidance: {err}") from err
+    guidance = _instantiate(model_cfg.guidance, "model.guidance")
     sam = build_from_settings(sam_settings(model_cfg.sam), device)
     return SamGuidedRefiner(refiner, SamRunner(sam), guidance)
 

@@ -16,7 +16,6 @@ from torch import nn
 from samsr.device import backend_flags, resolve_device
 from samsr.engine.builders import (
     ConfigError,
-    amg_settings,
     build_eval_datasets,
     build_loss,
     build_model,
@@ -26,10 +25,9 @@ from samsr.engine.builders import (
     build_train_guidance,
     cascade_config,
     load_pretrained,
+    make_train_caches,
     prepare_data,
-    sam_settings,
     to_container,
-    token_source,
     train_settings,
 )
 from samsr.engine.evaluator import evaluate, format_results
@@ -98,40 +96,20 @@ def evaluate_model(
 
 
 def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:
-    """Make what training reads from a SAM cache first, when the config asks for it:
-    ``model.sam_maps.precompute`` (v2.1 maps) or cached ``model.train_tokens`` (v3 embeddings).
-    Current files are skipped, so this costs little once a cache is complete."""
+    """With ``model.precompute``, first makes the missing files of every SAM cache that training
+    reads (``model.train_inputs``: v2.1 maps, v3 cached embeddings). Current files are skipped,
+    so this costs little once a cache is complete."""
     from samsr.data.io import DataError
 
+    if not cfg.model.precompute:
+        return
     roots = [str(r) for r in cfg.data.train.roots]
-    summaries = []
-    maps = cfg.model.get("sam_maps")
-    if maps and maps.get("precompute"):
-        from samsr.engine.precompute import make_sam_maps
-
-        amg = amg_settings(cfg.model.sam)
-        sam = sam_settings(cfg.model.sam)
-        summaries.append(
-            ("maps", maps.cache_dir, make_sam_maps(roots, maps.cache_dir, sam, amg, str(device)))
-        )
-    tokens = cfg.model.get("train_tokens")
-    if token_source(cfg.model) == "cached" and tokens.get("precompute"):
-        from samsr.engine.precompute_embeddings import make_sam_embeddings
-
-        sam = sam_settings(cfg.model.sam)
-        summaries.append(
-            (
-                "embeddings",
-                tokens.cache_dir,
-                make_sam_embeddings(roots, tokens.cache_dir, sam, str(device)),
-            )
-        )
-    for what, cache_dir, summary in summaries:
-        log.info("SAM %s in %s: %s", what, cache_dir, summary.line())
+    for cache_dir, summary in make_train_caches(cfg.model, roots, device):
+        log.info("SAM cache %s: %s", cache_dir, summary.line())
         if summary.failed:
             image, reason = summary.failed[0]
             raise DataError(
-                f"precomputing SAM {what} into {cache_dir} failed for {len(summary.failed)} "
+                f"precomputing the SAM cache {cache_dir} failed for {len(summary.failed)} "
                 f"image(s), e.g. {image}: {reason}"
             )
 
@@ -177,7 +155,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     _precompute_sam_inputs(cfg, device)
     dataset = build_train_dataset(cfg.data, cfg.model)
-    init_weights = cfg.model.get("init_weights")
+    init_weights = cfg.model.init_weights
     model = build_model(cfg.model, weights=init_weights, init=True)
     if not init_weights and not cfg.get("resume"):  # from scratch: ImageNet encoder weights
         source = load_pretrained(model, cfg.model, str(cfg.paths.checkpoint_dir))

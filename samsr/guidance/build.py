@@ -32,6 +32,7 @@ from segment_anything.modeling import (
 from torch import nn
 
 __all__ = [
+    "PATCH",
     "SAM_CHECKPOINTS",
     "SamEncoder",
     "SamSettings",
@@ -51,6 +52,8 @@ SAM_CHECKPOINTS: dict[str, tuple[str, str]] = {
     )
 }
 """Model type -> (official checkpoint file name, official download URL)."""
+PATCH = 16
+"""Patch side of every SAM image encoder (official and tiny): one token per 16 x 16 pixels."""
 
 
 def build_sam(model_type: str, checkpoint: str | Path, device: str | torch.device = "cpu") -> Sam:
@@ -129,13 +132,13 @@ def build_tiny_sam(seed: int = 0, img_size: int = 64, embed_dim: int = 32) -> Sa
         raise ValueError(f"img_size must be a positive multiple of 16 (the patch), got {img_size}.")
     if embed_dim < 8 or embed_dim % 8:
         raise ValueError(f"embed_dim must be a positive multiple of 8, got {embed_dim}.")
-    grid = img_size // 16
+    grid = img_size // PATCH
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = Sam(
             image_encoder=ImageEncoderViT(
                 img_size=img_size,
-                patch_size=16,
+                patch_size=PATCH,
                 embed_dim=embed_dim,
                 depth=2,
                 num_heads=2,
@@ -195,6 +198,11 @@ class SamSettings:
     def kind(self) -> str:
         """``tiny`` or the ViT type: what caches and checkpoints record."""
         return "tiny" if self.tiny else self.type
+
+    @property
+    def input_size(self) -> int:
+        """Side of the image encoder's square input (1024 for the official models)."""
+        return int(self.tiny_img_size) if self.tiny else 1024
 
 
 def build_from_settings(settings: SamSettings, device: str | torch.device = "cpu") -> Sam:

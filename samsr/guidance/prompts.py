@@ -189,12 +189,12 @@ class BatchPromptMaps:
 
     Args:
         runner: SAM (on the training device).
-        cfg: the prompt settings.
+        prompts: the prompt settings.
     """
 
-    def __init__(self, runner: SamRunner, cfg: PromptConfig) -> None:
+    def __init__(self, runner: SamRunner, prompts: PromptConfig) -> None:
         self.runner = runner
-        self.cfg = cfg
+        self.prompts = prompts
 
     def __call__(self, image: Tensor, coarse: Tensor) -> Tensor:
         """Maps of a batch.
@@ -213,7 +213,9 @@ class BatchPromptMaps:
             for pin, mask in zip(self.runner.encode_batch(images), coarses):
                 self.runner.select(pin)
                 seed = zlib.crc32(np.ascontiguousarray(mask).tobytes())
-                maps.append(sam_prompt_maps(self.runner.predict_points, mask, self.cfg, seed)[0])
+                maps.append(
+                    sam_prompt_maps(self.runner.predict_points, mask, self.prompts, seed)[0]
+                )
         out = torch.from_numpy(np.stack(maps)).to(image.device, non_blocking=True)
         return out.permute(0, 3, 1, 2).float().div(255)
 
