@@ -1,4 +1,4 @@
-"""Tests for samsr.guidance.v1: v1 mask selection, gates and stats on hand-built masks."""
+"""Tests for samsr.guidance.v1 and .selection: selection, gates and stats on hand-built masks."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ import cv2
 import numpy as np
 import pytest
 
-from samsr.guidance.v1 import (
-    V1Config,
-    V1Decision,
-    V1Stats,
+from samsr.guidance.rle import decode_rle
+from samsr.guidance.selection import (
     coverage,
-    decode_rle,
     decode_segmentation,
     deformation,
-    guided_coarse,
     select_and_union,
     sparsity,
 )
+from samsr.guidance.v1 import V1Config, V1Decision, V1Stats, guided_coarse
 
 H, W = 40, 60
 

@@ -13,7 +13,8 @@ module        what
               and point prompts from that embedding
 ``masks``     :func:`decode_mask` / :func:`mask_area` of AMG records in every output mode
 ``rle``       SAM's uncompressed run-length encoding (decode, windows, boxes, areas)
-``v1``        SAM-SR v1: which SAM masks replace the coarse mask, and the gates that skip SAM
+``selection`` which SAM masks a coarse mask covers (coverage, sparsity, deformation, the union)
+``v1``        SAM-SR v1: the selected masks replace the coarse mask unless a gate skips SAM
 ``maps``      SAM-SR v2.1: AMG masks painted in random colours (:func:`paint_sam_map`) and the one
               resize rule for SAM outputs (``INTER_NEAREST_EXACT``)
 ``prompts``   SAM-SR v2.2: point sets inside the coarse mask and the IoU-weighted merge
@@ -41,7 +42,8 @@ _EXPORTS = {
     "prompts": ("BatchPromptMaps", "PromptConfig", "PromptGuidance", "grid_points",
                 "merge_predictions", "point_sets", "sam_prompt_maps"),
     "strategy": ("Guidance", "Guided", "working_size"),
-    "v1": ("V1Config", "V1Guidance", "V1Decision", "V1Stats", "guided_coarse", "select_and_union"),
+    "selection": ("coverage", "deformation", "select_and_union", "sparsity"),
+    "v1": ("V1Config", "V1Guidance", "V1Decision", "V1Stats", "guided_coarse"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
