@@ -6,7 +6,7 @@ the same weights; ``python scripts/benchmark.py --help`` lists the options.
 
 import sys
 
-from samsr.engine.benchmark import main
+from samsr.engine.benchmark_cli import main
 from samsr.errors import exit_on_error
 
 if __name__ == "__main__":

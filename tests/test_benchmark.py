@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from samsr.engine.benchmark import BenchmarkError, main, parse_override, parse_size, select_variants
+from samsr.engine.benchmark import BenchmarkError, select_variants
+from samsr.engine.benchmark_cli import main, parse_override, parse_size
 from samsr.engine.benchmark_report import add_reference_columns, mask_agreement, score_variant
 
 # Fast CPU settings shared by the runs below (workers are fresh processes: ~3 s of imports each).

@@ -177,7 +177,7 @@ def test_benchmark_text_file_as_checkpoint(tmp_path, text_ckpt):
 
 
 def test_argparse_scripts_show_the_traceback_on_request(tmp_path, monkeypatch):
-    from samsr.engine.benchmark import main as benchmark
+    from samsr.engine.benchmark_cli import main as benchmark
     from samsr.engine.precompute import main as precompute
 
     monkeypatch.setenv("SAMSR_TRACEBACK", "1")

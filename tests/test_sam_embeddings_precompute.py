@@ -11,7 +11,7 @@ import torch
 
 from samsr.data.io import DataError, write_image, write_mask
 from samsr.data.synthetic import render_sample
-from samsr.engine.precompute import collect_images
+from samsr.engine.image_runs import collect_images
 from samsr.engine.precompute_embeddings import (
     EMBEDDINGS_FORMAT,
     check_embeddings_manifest,

@@ -27,14 +27,8 @@ from samsr.data.sam_maps import (
     write_map,
 )
 from samsr.data.synthetic import render_sample
-from samsr.engine.precompute import (
-    ImageItem,
-    collect_images,
-    main,
-    parse_shard,
-    precompute_maps,
-    prepare_cache,
-)
+from samsr.engine.image_runs import ImageItem, collect_images, parse_shard
+from samsr.engine.precompute import main, precompute_maps, prepare_cache
 from samsr.guidance import decode_annotation, map_seed, paint_sam_map
 
 # --------------------------------------------------------------------------- helpers

@@ -1,9 +1,9 @@
 """Benchmark workers: one inference variant on one image group, each in its own process.
 
 Parent side: :func:`measure_variant` writes a job file, :func:`launch` starts
-``python -m samsr.engine.benchmark --worker JOB.json`` and waits for it (optional timeout), copying
-its output to a log file and to our stderr as it comes; a worker that fails (non-zero exit, killed,
-timed out) becomes a ``failed (...)`` row with the end of its log, never an exception.
+``python -m samsr.engine.benchmark_cli --worker JOB.json`` and waits for it (optional timeout),
+copying its output to a log file and to our stderr as it comes; a worker that fails (non-zero exit,
+killed, timed out) becomes a ``failed (...)`` row with the end of its log, never an exception.
 
 Worker side: :func:`run_job` builds the model and refiner from the job (model config, weights,
 resolved inference config, device), runs one untimed warm-up call on a crop of the first image,
@@ -125,7 +125,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def worker_main(argv: list[str]) -> int:
     """``--worker JOB.json``: runs the job; on error prints ``error: <type>: <message>`` last."""
     if len(argv) != 1:
-        print("usage: python -m samsr.engine.benchmark --worker JOB.json", file=sys.stderr)
+        print("usage: python -m samsr.engine.benchmark_cli --worker JOB.json", file=sys.stderr)
         return 2
     try:
         run_job(json.loads(Path(argv[0]).read_text()))
@@ -179,7 +179,7 @@ def launch(
     atomic_write_bytes(job_path, (json.dumps(job, indent=2) + "\n").encode())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "samsr.engine.benchmark", "--worker", str(job_path)]
+    cmd = [sys.executable, "-m", "samsr.engine.benchmark_cli", "--worker", str(job_path)]
     start, timed_out = time.perf_counter(), False
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

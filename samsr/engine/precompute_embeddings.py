@@ -11,7 +11,7 @@ encoder's input side), stored as float16.
 Cache layout (the training loader relies on it):
 
 * ``<out>/<name>_emb.npy``: a ``C x gh x gw`` float16 ``.npy`` array, where ``name`` is
-  :attr:`~samsr.engine.precompute.ImageItem.name` (``<root folder name>/<rel>/<stem>``, POSIX).
+  :attr:`~samsr.engine.image_runs.ImageItem.name` (``<root folder name>/<rel>/<stem>``, POSIX).
   Written atomically (temp file in the same folder, then rename).
 * ``<out>/manifest.json``: ``{"format": "samsr-sam-embeddings", "version": 1, "sam_type": ...,
   "img_size": ..., "patch": ..., "channels": ...}``. Written (or checked) before any embedding: a
@@ -49,7 +49,7 @@ from samsr.data import sam_cache
 from samsr.data.io import DataError, atomic_write_bytes, read_image
 from samsr.data.sam_cache import MANIFEST_NAME
 from samsr.data.sam_tokens import EMBEDDING_SUFFIX, EMBEDDINGS_FORMAT
-from samsr.engine.precompute import (
+from samsr.engine.image_runs import (
     ImageItem,
     Summary,
     add_input_arguments,
@@ -87,7 +87,7 @@ _SCRIPT = "scripts/precompute_sam_embeddings.py"
 
 @dataclass
 class EmbeddingSummary(Summary):
-    """A :class:`~samsr.engine.precompute.Summary` plus encode time and bytes written."""
+    """A :class:`~samsr.engine.image_runs.Summary` plus encode time and bytes written."""
 
     encode_seconds: float = 0.0
     bytes_written: int = 0
@@ -254,7 +254,7 @@ def precompute_embeddings(
     writes or checks it first.
 
     Args:
-        items: Images (one shard of :func:`~samsr.engine.precompute.collect_images`).
+        items: Images (one shard of :func:`~samsr.engine.image_runs.collect_images`).
         out: Cache folder.
         encoder: SAM's ``ImageEncoderViT`` (moved to ``device`` and set to eval mode).
         device: Where to encode.

@@ -16,16 +16,15 @@ dataset/offline_dataset_crm_pad32.py, util/image_saver_crm.py):
 * the output is the last scale's probability with the padding cropped; it is saved as
   ``uint8(prob * 255)`` (truncation; see :class:`samsr.inference.refiner.Refiner`).
 
-Encoding and decoding are separate functions so that decoding fewer pixels and tiled encoding
+Encoding and decoding are separate functions (decoding: :mod:`samsr.inference.decoding`; the
+settings: :mod:`samsr.inference.cascade_config`) so that decoding fewer pixels and tiled encoding
 can be added without touching the protocol.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from samsr.device import synchronize
+from samsr.inference.cascade_config import CascadeConfig
+from samsr.inference.decoding import PixelDecoder, decode_full, decoder_mode
 from samsr.inference.regions import bbox_region, contour_region, decode_region, strided_fill
 from samsr.inference.tiling import plan_tiles, scaled_window
-from samsr.models.components.implicit_decoder import coord_seq
 from samsr.models.components.sam_frame import Frame
 from samsr.models.crm import CRM
 
@@ -51,117 +51,6 @@ __all__ = [
 ]
 
 MASK_CHANNEL = 3  # the input channel that holds the mask (ref: cat((image, seg), 1))
-
-
-REGIONS = ("full", "bbox", "contour")
-REGION_SOURCES = ("coarse", "current")
-
-
-@dataclass
-class CascadeConfig:
-    """Settings of the multi-scale cascade.
-
-    The defaults are the reference protocol (every option off). Options only change *how much* is
-    computed, never the protocol itself; see ``configs/inference/*.yaml`` for measured presets.
-
-    Attributes:
-        scales: resize factors of the padded input, in processing order; the last one's output is
-            returned.
-        pad: reflect padding in pixels added around the image and mask (reference: 32).
-        chunk_size: queries (pixels) per decoder call; bounds decoder memory, not the result.
-        decoder_factorized: None keeps the model's setting; True/False overrides it for inference
-            (True: the decoder's first layer once per feature cell; False: the reference MLP).
-        fusion_patch: rows of the stride-2 feature map per fusion patch; 0 runs the fusion conv on
-            the whole map at once (reference). Patched fusion writes each patch's output over the
-            consumed input rows (1-row halo kept aside): same output, no second full-size map.
-        region: which pixels are decoded at every scale: ``full`` (reference), ``bbox`` (inside
-            the bounding box of the mask, grown by ``bbox_margin``) or ``contour`` (within
-            ``contour_width`` pixels of the mask's boundary). Other pixels keep the previous
-            scale's probability (the coarse mask at the first scale).
-        region_source: the mask the region is computed from: ``coarse`` (the input mask, once) or
-            ``current`` (each scale's input mask).
-        bbox_margin: margin around the bounding box, in full-resolution pixels.
-        contour_width: half-width of the contour band, in full-resolution pixels.
-        stride: n > 1 decodes every n-th pixel of each axis (plus the last row/column), then
-            every other pixel whose grid cell's four decoded corners disagree (>= 0.5 or not);
-            pixels of agreeing cells take the bilinear interpolation of the corners. 1 = all.
-        tile: > 0 runs encoder, fusion and decoding in tiles of ``tile`` x ``tile`` input pixels
-            (at each scale) with ``tile_halo`` pixels of context on each side, so peak memory no
-            longer grows with the image; tiles holding no pixel to decode are skipped. 0 = off.
-        tile_halo: context around each tile in input pixels (rounded up to a multiple of 8);
-            features match the untiled ones up to float rounding once it covers the encoder's
-            receptive field (~100 px for ResNet-18, more for ResNet-50).
-        channels_last: run the network on channels-last tensors (faster convolutions on some
-            hardware; same function).
-        cudnn_benchmark: let cuDNN autotune per shape (off: every image and scale is a new
-            shape, so tuning costs more than it saves).
-        tf32: TF32 for fp32 matmuls and convolutions on CUDA (off in the reference protocol;
-            the speed presets allow it).
-    """
-
-    scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0)
-    pad: int = 32
-    chunk_size: int = 2**18
-    decoder_factorized: bool | None = None
-    fusion_patch: int = 0
-    region: str = "full"
-    region_source: str = "coarse"
-    bbox_margin: int = 64
-    contour_width: int = 32
-    stride: int = 1
-    tile: int = 0
-    tile_halo: int = 128
-    channels_last: bool = False
-    cudnn_benchmark: bool = False
-    tf32: bool = False
-
-    def __post_init__(self) -> None:
-        self.scales = tuple(float(s) for s in self.scales)
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"scales must be a non-empty list of positive factors: {self.scales}")
-        if self.pad < 0:
-            raise ValueError(f"pad must be >= 0, got {self.pad}.")
-        if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}.")
-        if self.fusion_patch < 0:
-            raise ValueError(f"fusion_patch must be >= 0 (0 = off), got {self.fusion_patch}.")
-        if self.region not in REGIONS:
-            raise ValueError(f"region must be one of {REGIONS}, got {self.region!r}.")
-        if self.region_source not in REGION_SOURCES:
-            raise ValueError(
-                f"region_source must be one of {REGION_SOURCES}, got {self.region_source!r}."
-            )
-        if self.bbox_margin < 0 or self.contour_width < 1:
-            raise ValueError(
-                f"bbox_margin must be >= 0 and contour_width >= 1, got {self.bbox_margin} and "
-                f"{self.contour_width}."
-            )
-        if self.stride < 1:
-            raise ValueError(f"stride must be >= 1 (1 = decode every pixel), got {self.stride}.")
-        if self.tile < 0 or self.tile_halo < 0:
-            raise ValueError(
-                f"tile and tile_halo must be >= 0, got {self.tile} and {self.tile_halo}."
-            )
-        if 0 < self.tile < 32:
-            raise ValueError(f"tile must be 0 (off) or >= 32 input pixels, got {self.tile}.")
-
-    @classmethod
-    def recommended(cls) -> CascadeConfig:
-        """The measured best trade-off for high-resolution images (``inference=fast``).
-
-        Strided-4 decoding inside the coarse mask's bounding box, the factorized decoder, and
-        tiled encoding with patched fusion (flat peak memory); see the README's benchmark.
-        """
-        return cls(
-            chunk_size=65536,
-            decoder_factorized=True,
-            fusion_patch=64,
-            region="bbox",
-            stride=4,
-            tile=1024,
-            tile_halo=128,
-            tf32=True,
-        )
 
 
 def pad_reflect(x: Tensor, pad: int) -> Tensor:
@@ -232,108 +121,6 @@ def _guide_kwargs(guide: Any) -> dict[str, Any]:
     return {} if guide is None else {"guide": guide}
 
 
-def decode_full(
-    model: CRM,
-    feat: Tensor,
-    out_size: tuple[int, int],
-    chunk_size: int,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Decodes the probability of every pixel of an ``out_size`` grid, ``chunk_size`` at a time.
-
-    Args:
-        model: the CRM.
-        feat: 1 x C x h x w features.
-        out_size: (H, W) of the query grid (the padded full resolution).
-        chunk_size: queries per decoder call.
-        out: optional preallocated 1 x 1 x H x W float32 buffer to write into.
-
-    Returns:
-        1 x 1 x H x W probability (``out`` if given).
-    """
-    h, w = out_size
-    device = feat.device
-    if out is None:
-        out = torch.empty((1, 1, h, w), dtype=torch.float32, device=device)
-    flat = out.view(-1)
-    ys = coord_seq(h, device=device)  # ref make_coord((Hp, Wp)) rows
-    xs = coord_seq(w, device=device)  # ref make_coord((Hp, Wp)) cols
-    cell_value = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=device)  # ref cell
-    total = h * w
-    feat = model.decoder.prepare(feat)  # once per scale, not once per chunk
-    for start in range(0, total, chunk_size):
-        stop = min(start + chunk_size, total)
-        index = torch.arange(start, stop, device=device)
-        coords = torch.stack((ys[index // w], xs[index % w]), dim=-1).unsqueeze(0)
-        cell = cell_value.expand(1, stop - start, 2)
-        logits = model.decode(feat, coords, cell, prepared=True)
-        flat[start:stop] = torch.sigmoid(logits[0])  # ref pred_224 = sigmoid(ret)
-    return out
-
-
-class PixelDecoder:
-    """Decodes the probability of arbitrary pixels of the padded full-resolution grid.
-
-    Args:
-        model: the CRM.
-        feat: 1 x C x h x w features (the whole map, or a window of it).
-        grid_size: (Hp, Wp) of the query grid.
-        chunk_size: queries per decoder call.
-        window: ``(y0, x0, full_h, full_w)`` if ``feat`` is a window of the full feature map.
-        offset: (row, col) added to the pixel indices passed to :meth:`__call__`.
-    """
-
-    def __init__(
-        self,
-        model: CRM,
-        feat: Tensor,
-        grid_size: tuple[int, int],
-        chunk_size: int,
-        window: tuple[int, int, int, int] | None = None,
-        offset: tuple[int, int] = (0, 0),
-    ) -> None:
-        self.model = model
-        self.feat = model.decoder.prepare(feat).contiguous()  # once, not once per chunk
-        h, w = grid_size
-        dev = feat.device
-        self.ys = coord_seq(h, device=dev)  # ref make_coord((Hp, Wp)) rows
-        self.xs = coord_seq(w, device=dev)
-        self.cell = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=dev)  # ref cell
-        self.chunk_size = chunk_size
-        self.window = window
-        self.offset = offset
-        self.count = 0
-
-    def __call__(self, ys: Tensor, xs: Tensor) -> Tensor:
-        """Probabilities (float32, N) at pixel rows ``ys`` and columns ``xs`` (int64, N)."""
-        n = ys.numel()
-        out = torch.empty(n, dtype=torch.float32, device=ys.device)
-        oy, ox = self.offset
-        for s in range(0, n, self.chunk_size):
-            e = min(s + self.chunk_size, n)
-            coords = torch.stack((self.ys[ys[s:e] + oy], self.xs[xs[s:e] + ox]), dim=-1)
-            cell = self.cell.expand(1, e - s, 2)
-            logits = self.model.decode(
-                self.feat, coords.unsqueeze(0), cell, prepared=True, window=self.window
-            )
-            out[s:e] = torch.sigmoid(logits[0])
-        self.count += n
-        return out
-
-
-@contextmanager
-def _decoder_mode(model: CRM, factorized: bool | None) -> Iterator[None]:
-    """Temporarily sets the decoder's factorized flag (None: leave it)."""
-    decoder = model.decoder
-    old = decoder.factorized
-    if factorized is not None:
-        decoder.factorized = bool(factorized)
-    try:
-        yield
-    finally:
-        decoder.factorized = old
-
-
 def refine(
     model: CRM,
     image: Tensor,
@@ -369,7 +156,7 @@ def refine(
         raise ValueError(f"image must be 1 x 3 x H x W, got {tuple(image.shape)}.")
     if coarse.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
-    with torch.inference_mode(), _decoder_mode(model, cfg.decoder_factorized):
+    with torch.inference_mode(), decoder_mode(model, cfg.decoder_factorized):
         return _refine(model, image, coarse, cfg, extra, timings, profile)
 
 
