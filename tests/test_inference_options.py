@@ -314,3 +314,18 @@ def test_timed_runs_never_synchronise_per_stage(model: CRM, monkeypatch) -> None
     again = refine(model, image, coarse, cfg, timings=profiled, profile=True)
     assert len(syncs) >= 2 * profiled["tiles"] and profiled["encode"] > 0 < profiled["decode"]
     torch.testing.assert_close(again, plain, atol=0, rtol=0)  # the same computation
+
+
+def test_residual_model_tiles_and_decodes_regions_like_untiled() -> None:
+    from samsr.models import build_crm
+
+    torch.manual_seed(0)
+    model = build_crm("resnet18", residual=True).eval()
+    with torch.no_grad():
+        model.decoder.mlp[-1].weight.normal_(std=0.1)  # a trained-looking correction
+    image, coarse = _inputs(150, 131)
+    ref = refine(model, image, coarse, CascadeConfig())
+    tiled = refine(model, image, coarse, CascadeConfig(tile=64, tile_halo=128))
+    assert (tiled - ref).abs().max().item() < 1e-5
+    bbox = refine(model, image, coarse, CascadeConfig(region="bbox"))
+    assert bbox.shape == ref.shape and bool(torch.isfinite(bbox).all())

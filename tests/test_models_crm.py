@@ -300,3 +300,44 @@ def test_factorized_decoder_is_the_same_function(batch: int) -> None:
     feat.requires_grad_(True)
     fast(feat, coords, cell).sum().backward()
     assert feat.grad is not None and fast.mlp[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------- residual
+
+
+def test_residual_crm_starts_as_the_pooled_input_mask() -> None:
+    torch.manual_seed(0)
+    model = build_crm("resnet18", residual=True).eval()
+    image = torch.rand(2, 3, 48, 40)
+    coarse = _mask("box", 2, 48, 40)
+    with torch.no_grad():
+        logits = model(image, coarse)["logits"]
+    prior = F.avg_pool2d(coarse * 2 - 1, 2)  # the mask in [-1, 1] on the stride-2 grid
+    expected = 5.0 * F.interpolate(prior, size=(48, 40), mode="bilinear", align_corners=False)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # borders: clamped ensemble
+    torch.testing.assert_close(logits[inner], expected[inner], atol=1e-4, rtol=0)
+    # identity start: inside/outside the box the refined mask is the coarse one
+    assert bool(((torch.sigmoid(logits) > 0.5) == (coarse > 0.5))[inner].float().mean() > 0.97)
+
+
+def test_residual_crm_learns_a_correction_and_keeps_the_reference_default() -> None:
+    torch.manual_seed(0)
+    plain = build_crm("resnet18")
+    assert not plain.decoder.residual and not hasattr(plain.decoder, "prior_scale")
+    model = build_crm("resnet18", residual=True, decoder_factorized=True)
+    image, coarse = torch.rand(2, 3, 32, 32), _mask("box", 2, 32, 32)
+    out = model(image, coarse)["logits"]
+    out.mean().backward()
+    last = model.decoder.mlp[-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    assert model.decoder.prior_scale.grad is not None
+    # the factorized decoder reads the same prior: same function as the reference decoder
+    ref = build_crm("resnet18", residual=True).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref.decoder.mlp[-1].weight.normal_()
+        model.load_state_dict(ref.state_dict())
+        model.eval()
+        torch.testing.assert_close(
+            model(image, coarse)["logits"], ref(image, coarse)["logits"], atol=1e-4, rtol=0
+        )

@@ -72,7 +72,7 @@ def test_no_file_and_no_network_says_where_to_put_it(tiny_cfg, tmp_path, monkeyp
 def test_real_data_trains_from_imagenet_by_default(tmp_path):
     from conftest import compose_config
 
-    for data in ("train_merged", "duts_sample"):
+    for data in ("train_merged", "duts"):
         assert (
             compose_config("train", [f"data={data}"], tmp_path).model.net.pretrained == "imagenet"
         )
@@ -114,5 +114,5 @@ def test_checkpoint_runs_never_touch_imagenet_weights(tiny_cfg, tmp_path, monkey
     from conftest import compose_config
 
     build_model(
-        compose_config("eval", ["data=duts_sample", "model.net.backbone=resnet18"], tmp_path).model
+        compose_config("eval", ["data=duts", "model.net.backbone=resnet18"], tmp_path).model
     )

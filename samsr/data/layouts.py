@@ -19,12 +19,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from samsr.data.io import IMAGE_EXTENSIONS, DataError
 
-__all__ = ["LAYOUTS", "BigItem", "Pair", "detect_layout", "find_big_split", "find_pairs"]
+__all__ = [
+    "LAYOUTS",
+    "BigItem",
+    "Pair",
+    "detect_layout",
+    "find_big_split",
+    "find_pairs",
+    "holdout_split",
+]
 
 LAYOUTS: tuple[str, ...] = ("flat", "duts", "fss")
 """Training folder layouts :func:`find_pairs` understands (plus ``"auto"``)."""
@@ -228,6 +237,20 @@ def find_pairs(
             f"no image/mask pairs found under {root} (layout {layout!r}); tried layouts: {_TRIED}."
         )
     return sorted(pairs, key=lambda p: p.name)
+
+
+def holdout_split(pairs: Sequence[Pair], every: int) -> tuple[list[Pair], list[Pair]]:
+    """Splits pairs into (kept, held out): every ``every``-th pair by name (the 0th, the
+    ``every``-th, ...) is held out, e.g. ``every=10`` holds out a tenth for choosing settings.
+    ``every=0`` holds out nothing. Deterministic: depends on the names only."""
+    if every < 0 or every == 1:
+        raise DataError(f"holdout_every must be 0 (none) or >= 2, got {every}.")
+    ordered = sorted(pairs, key=lambda p: p.name)
+    if every == 0:
+        return ordered, []
+    kept = [p for i, p in enumerate(ordered) if i % every]
+    held = [p for i, p in enumerate(ordered) if not i % every]
+    return kept, held
 
 
 def find_big_split(

@@ -38,7 +38,7 @@ from samsr.data.io import (
     write_image,
     write_mask,
 )
-from samsr.data.layouts import Pair, find_pairs
+from samsr.data.layouts import Pair, find_pairs, holdout_split
 
 __all__ = [
     "coarse_source_name",
@@ -356,6 +356,7 @@ def export_big_layout(
     split: str = "test",
     strict: bool = True,
     max_items: int | None = None,
+    holdout_every: int = 0,
 ) -> dict[str, Path]:
     """Turns image/mask pairs (e.g. DUTS-TE) into a BIG-layout evaluation folder.
 
@@ -374,6 +375,8 @@ def export_big_layout(
         split: Split folder name.
         strict: Passed to :func:`find_pairs`.
         max_items: Export only the first ``max_items`` pairs (sorted by name).
+        holdout_every: > 0 exports only the pairs a training set with the same
+            ``holdout_every`` leaves out (:func:`~samsr.data.layouts.holdout_split`).
 
     Returns:
         Paths: ``root``, ``<split>``, ``<split>_coarse``, ``<split>_coarse/down<f>``, ``manifest``.
@@ -388,6 +391,8 @@ def export_big_layout(
             raise DataError("export_big_layout needs pairs or source_root.")
         pairs = find_pairs(source_root, layout=layout, strict=strict)
     pairs = sorted(pairs, key=lambda p: p.name)
+    if holdout_every:
+        _, pairs = holdout_split(pairs, int(holdout_every))
     if max_items is not None:
         pairs = pairs[: int(max_items)]
     if not pairs:

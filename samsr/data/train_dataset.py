@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from samsr.data.coarse_synthesis import synthesize_coarse
 from samsr.data.io import DataError, read_image, read_mask
-from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs
+from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs, holdout_split
 from samsr.data.transforms import CropFlip, image_to_tensor, mask_to_tensor, photometric
 
 __all__ = ["EvalDataset", "RefinementTrainDataset"]
@@ -62,6 +62,9 @@ class RefinementTrainDataset(Dataset):
             cropped/flipped like the image and returned as ``extra`` (``C x S x S`` in [0, 1]).
         side_loader: Optional callable ``(pair, CropFlip) -> dict of tensors`` merged into the
             sample (data that is not an image-aligned map, e.g. SAM-SR v3's cached SAM tokens).
+        holdout_every: > 0 leaves out every n-th pair of each root by name
+            (:func:`~samsr.data.layouts.holdout_split`; the held-out pairs are a validation set,
+            e.g. exported with ``export_big_layout(holdout_every=n)``); 0 keeps every pair.
 
     Raises:
         DataError: Missing roots, no pairs at all, duplicate root folder names.
@@ -80,6 +83,7 @@ class RefinementTrainDataset(Dataset):
         max_rounds: int = 250,
         extra_loader: ExtraLoader | None = None,
         side_loader: SideLoader | None = None,
+        holdout_every: int = 0,
     ) -> None:
         if isinstance(roots, (str, os.PathLike)):
             roots = [roots]
@@ -105,7 +109,8 @@ class RefinementTrainDataset(Dataset):
                     f"and {root}; sample names would collide. Rename or link one of them."
                 )
             root_names[root.name] = root
-            for pair in find_pairs(root, layout=layout, strict=strict):
+            kept, _ = holdout_split(find_pairs(root, layout=layout, strict=strict), holdout_every)
+            for pair in kept:
                 self.pairs.append(pair)
                 self.names.append(f"{root.name}/{pair.name}")
         if not self.pairs:

@@ -135,9 +135,13 @@ def build_loss(model_cfg: DictConfig) -> nn.Module:
 
 
 def prepare_data(data_cfg: DictConfig) -> None:
-    """Run the data config's ``prepare`` step (e.g. generate the synthetic set); idempotent."""
-    if data_cfg.get("prepare"):
-        instantiate(data_cfg.prepare)
+    """Runs the data config's ``prepare`` step (e.g. generate the synthetic set), or each of its
+    named steps (a mapping of ``_target_`` nodes, e.g. DUTS's test and val exports); idempotent."""
+    prepare = data_cfg.get("prepare")
+    if not prepare:
+        return
+    for step in [prepare] if "_target_" in prepare else prepare.values():
+        instantiate(step)
 
 
 def build_train_dataset(data_cfg: DictConfig, model_cfg: DictConfig) -> torch.utils.data.Dataset:
@@ -146,7 +150,7 @@ def build_train_dataset(data_cfg: DictConfig, model_cfg: DictConfig) -> torch.ut
     if not data_cfg.get("train"):
         raise ConfigError(
             f"data={data_cfg.get('name')} has no training set (data.train is null); "
-            "train with data=train_merged, data=duts_sample or data=synthetic."
+            "train with data=train_merged, data=duts or data=synthetic."
         )
     roots = [str(r) for r in data_cfg.train.roots]
     inputs = {

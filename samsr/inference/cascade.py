@@ -37,7 +37,7 @@ from samsr.inference.decoding import PixelDecoder, decode_full, decoder_mode
 from samsr.inference.regions import bbox_region, contour_region, decode_region, strided_fill
 from samsr.inference.tiling import plan_tiles, scaled_window
 from samsr.models.components.sam_frame import Frame
-from samsr.models.crm import CRM
+from samsr.models.crm import CRM, MASK_CHANNEL
 
 __all__ = [
     "CascadeConfig",
@@ -49,8 +49,6 @@ __all__ = [
     "refine",
     "scaled_size",
 ]
-
-MASK_CHANNEL = 3  # the input channel that holds the mask (ref: cat((image, seg), 1))
 
 
 def pad_reflect(x: Tensor, pad: int) -> Tensor:

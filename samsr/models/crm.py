@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samsr.models.components.fusion import Fusion
@@ -25,6 +26,7 @@ __all__ = ["CRM", "IMAGENET_MEAN", "IMAGENET_STD", "build_crm"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ref im_transform Normalize mean
 IMAGENET_STD = (0.229, 0.224, 0.225)  # ref im_transform Normalize std
+MASK_CHANNEL = 3  # the input channel holding the mask (ref: cat((image, seg), 1))
 
 
 class CRM(nn.Module):
@@ -33,7 +35,10 @@ class CRM(nn.Module):
     Args:
         encoder: maps B x in_channels x H x W to the (stride 2, 4, 8) feature tuple.
         fusion: maps that tuple to a B x C x h x w feature map at stride 2.
-        decoder: implicit decoder over that feature map.
+        decoder: implicit decoder over that feature map. A ``residual`` decoder also reads the
+            input mask, average-pooled to the feature grid, as its prior (appended to the
+            features as one more channel): the model then predicts a correction of the mask
+            it is given, at every scale of the cascade.
         in_channels: channels of the normalised input: 3 (image) + 1 (mask) + extras.
     """
 
@@ -108,12 +113,25 @@ class CRM(nn.Module):
                 :meth:`Fusion.forward_patched`).
 
         Returns:
-            B x C x ceil(H/2) x ceil(W/2) feature map (C = 256 for CRM).
+            B x C x ceil(H/2) x ceil(W/2) feature map (C = 256 for CRM, 257 with the prior of a
+            residual decoder).
         """
         self._check_input(x)
         if fusion_patch > 0:
-            return self.fusion.forward_patched(list(self.encoder(x)), fusion_patch)
-        return self.fusion(self.encoder(x))
+            feat = self.fusion.forward_patched(list(self.encoder(x)), fusion_patch)
+        else:
+            feat = self.fusion(self.encoder(x))
+        return self._with_prior(feat, x)
+
+    def _with_prior(self, feat: Tensor, x: Tensor) -> Tensor:
+        """``feat`` plus, for a residual decoder, the input's mask channel average-pooled over
+        2 x 2 pixels (an odd last row/column is repeated), one value per feature cell."""
+        if not self.decoder.residual:
+            return feat
+        mask = x[:, MASK_CHANNEL : MASK_CHANNEL + 1].float()
+        pad = (0, mask.shape[-1] % 2, 0, mask.shape[-2] % 2)
+        prior = F.avg_pool2d(F.pad(mask, pad, mode="replicate"), 2)
+        return torch.cat([feat, prior.to(feat.dtype)], dim=1)
 
     def encode_window(
         self,
@@ -143,7 +161,7 @@ class CRM(nn.Module):
         sizes = self.encoder.level_sizes(*full_size)
         offsets = [(oy // s, ox // s) for s in strides]
         feat = self.fusion.forward_window(self.encoder(x), offsets, sizes, fusion_patch)
-        return feat, offsets[0]
+        return self._with_prior(feat, x), offsets[0]
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -217,6 +235,7 @@ def build_crm(
     decoder_hidden: Sequence[int] = (32, 32, 32, 32),
     dropout: float = 0.5,
     decoder_factorized: bool = False,
+    residual: bool = False,
 ) -> CRM:
     """Builds CRM from plain values.
 
@@ -229,6 +248,8 @@ def build_crm(
         dropout: dropout probability in the fusion module.
         decoder_factorized: run the decoder's first layer once per feature cell (same function
             and parameters, faster; see :class:`ImplicitDecoder`); False is the reference.
+        residual: predict a correction of the input mask's logit, starting as the identity
+            (not in the reference; see :class:`ImplicitDecoder`); False is the reference.
 
     Returns:
         The model (train mode).
@@ -240,6 +261,9 @@ def build_crm(
     encoder = ResNetEncoder(backbone, in_channels=in_channels, pretrained=pretrained)
     fusion = Fusion(in_channels=encoder.out_channels, out_channels=256, dropout=dropout)
     decoder = ImplicitDecoder(
-        feat_dim=fusion.out_channels, hidden=tuple(decoder_hidden), factorized=decoder_factorized
+        feat_dim=fusion.out_channels,
+        hidden=tuple(decoder_hidden),
+        factorized=decoder_factorized,
+        residual=residual,
     )
     return CRM(encoder, fusion, decoder, in_channels=in_channels)

@@ -160,6 +160,13 @@ class ImplicitDecoder(nn.Module):
             gathering C channels and applying the layer per query and neighbour. The same
             function with the same parameters (differences at float rounding, ~3e-8 on logits),
             about 1.8x faster training on CPU. ``False`` is the reference computation.
+        residual: not in the reference (off by default). The feature map carries one more
+            channel, a prior in [-1, 1] (CRM puts its input mask there, see
+            :class:`samsr.models.crm.CRM`); it is read with the same 4-cell ensemble as the
+            features and ``prior_scale * prior`` is added to the MLP's logit, so the MLP predicts
+            a correction of the prior. The MLP's last layer starts at zero: an untrained model
+            returns the prior's logit (the coarse mask, smoothed at stride 2).
+        prior_scale: initial value of the learnt scale (5: a prior of +-1 gives p = 0.993/0.007).
     """
 
     def __init__(
@@ -167,9 +174,12 @@ class ImplicitDecoder(nn.Module):
         feat_dim: int = 256,
         hidden: Sequence[int] = (32, 32, 32, 32),
         factorized: bool = False,
+        residual: bool = False,
+        prior_scale: float = 5.0,
     ) -> None:
         super().__init__()
         self.factorized = factorized
+        self.residual = residual
         layers: list[nn.Module] = []
         last = feat_dim + 6  # feature, rel_coord, coord, rel_cell (ref MLP in_dim=256+6)
         for width in hidden:
@@ -178,6 +188,15 @@ class ImplicitDecoder(nn.Module):
         layers.append(nn.Linear(last, 1))
         self.mlp = nn.Sequential(*layers)
         self.feat_dim = feat_dim
+        if residual:
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
+            self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the feature map it reads: the features, plus the prior if residual."""
+        return self.feat_dim + int(self.residual)
 
     def prepare(self, feat: Tensor) -> Tensor:
         """The map the queries read: ``feat`` itself, or its first-layer projection if factorized.
@@ -186,17 +205,21 @@ class ImplicitDecoder(nn.Module):
         to :meth:`forward` with ``prepared=True``.
 
         Args:
-            feat: B x C x h x w feature map.
+            feat: B x C x h x w feature map (B x (C + 1) x h x w with the prior if residual).
 
         Returns:
-            B x C x h x w (reference) or B x hidden[0] x h x w (factorized).
+            B x C x h x w (reference) or B x hidden[0] x h x w (factorized), plus the prior
+            channel if residual.
         """
-        if feat.shape[1] != self.feat_dim:
-            raise ValueError(f"Expected {self.feat_dim} feature channels, got {feat.shape[1]}.")
+        if feat.shape[1] != self.in_channels:
+            raise ValueError(f"Expected {self.in_channels} feature channels, got {feat.shape[1]}.")
         if not self.factorized:
             return feat
         first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
-        return F.conv2d(feat, first.weight[:, : self.feat_dim, None, None])
+        proj = F.conv2d(feat[:, : self.feat_dim], first.weight[:, : self.feat_dim, None, None])
+        return (
+            torch.cat([proj, feat[:, self.feat_dim :].to(proj.dtype)], 1) if self.residual else proj
+        )
 
     def forward(
         self,
@@ -246,6 +269,7 @@ class ImplicitDecoder(nn.Module):
 
         preds: list[Tensor] = []
         areas: list[Tensor] = []
+        priors: list[Tensor] = []
         for vx in (-1, 1):  # ref: vx shifts coord[..., 0] (y), outer loop
             for vy in (-1, 1):  # ref: vy shifts coord[..., 1] (x), inner loop
                 shifted = coords.clone()  # Python-scalar ops: no host-to-device copies
@@ -259,6 +283,9 @@ class ImplicitDecoder(nn.Module):
                     q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
                 else:
                     q_feat = _gather(feat, _window_index(iy, ix, y0, x0, th, tw))
+                if self.residual:  # the prior travels as the last channel
+                    priors.append(q_feat[..., -1])
+                    q_feat = q_feat[..., :-1]
                 q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
                 rel_coord = _scale_yx(coords - q_coord, h, w)  # ref: (coord - q_coord) * (h, w)
                 if self.factorized:
@@ -277,4 +304,7 @@ class ImplicitDecoder(nn.Module):
         ret = preds[0] * (weights[0] / tot_area)
         for pred, area in zip(preds[1:], weights[1:]):
             ret = ret + pred * (area / tot_area)
+        if self.residual:  # the prior, interpolated with the same weights
+            prior = sum(q.float() * (area / tot_area) for q, area in zip(priors, weights))
+            ret = ret + self.prior_scale * prior
         return ret
