@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from samsr.engine.benchmark_data import Group, data_groups, synthetic_groups
+from samsr.engine.configs import CONFIG_DIR
 from samsr.errors import SamsrError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
 REFERENCE = "faithful"
 ORDER = (
     *("faithful", "patched", "factorized", "channels_last", "bf16", "bbox", "contour"),
@@ -96,11 +96,10 @@ def check_device(name: str) -> str:
 
 
 def compose_eval(overrides: list[str]) -> Any:
-    """The ``eval`` config of the repo's ``configs/``, composed with Hydra's compose API."""
-    from hydra import compose, initialize_config_dir
+    """The ``eval`` config of the repo's ``configs/`` with ``overrides``."""
+    from samsr.engine.configs import compose
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
+    return compose("eval", overrides)
 
 
 def _container(cfg: Any) -> dict[str, Any]:
