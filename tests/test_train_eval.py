@@ -201,7 +201,7 @@ DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
 @pytest.mark.parametrize("debug", [None, *DEBUGS])
 def test_every_experiment_debug_and_model_builds_or_names_the_key(
-    tiny_cfg, model, experiment, debug
+    tiny_cfg, tmp_path, model, experiment, debug
 ):
     # composing is not enough: the model and the training data must build, or a ConfigError
     # must name the key that does not fit (e.g. the CRM quickstart's backbone under SAM-SR v3)
@@ -212,11 +212,19 @@ def test_every_experiment_debug_and_model_builds_or_names_the_key(
     extra += [f"experiment={experiment}"] if experiment else []
     extra += [f"debug={debug}"] if debug else []
     tiny = ["model.sam.tiny=true"] if model in ("samsr_v1", "samsr_v2_1", "samsr_v2_2") else []
-    cfg = tiny_cfg("train", extra + tiny)
+    if experiment == "duts_cpu":  # real-data layout: a tiny DUTS folder instead of ../shared
+        from conftest import compose_config, tiny_overrides
+        from test_duts_recipe import fake_duts
+
+        root = fake_duts(tmp_path / "duts", n=12)
+        over = tiny_overrides("train", extra) + extra + tiny + [f"data.root={root}"]
+        cfg = compose_config("train", over, tmp_path)
+    else:
+        cfg = tiny_cfg("train", extra + tiny)
     try:
         net = build_model(cfg.model)
     except ConfigError as err:
-        assert experiment == "quickstart" and model.startswith("samsr_v3"), err
+        assert experiment in ("quickstart", "duts_cpu") and model.startswith("samsr_v3"), err
         assert "backbone" in str(err)
         return
     assert isinstance(net, torch.nn.Module)

@@ -36,6 +36,7 @@ import numpy as np
 __all__ = [
     "SynthesisResult",
     "big_style_coarse",
+    "lowres_coarse",
     "mask_iou",
     "modify_boundary",
     "perturb",
@@ -305,12 +306,13 @@ def synthesize_coarse(
     return synthesize_coarse_detailed(gt, rng, iou_range, max_rounds, **kwargs).coarse
 
 
-def big_style_coarse(gt: np.ndarray, factor: float = 8) -> np.ndarray:
+def big_style_coarse(gt: np.ndarray, factor: float = 8, threshold: float = 128) -> np.ndarray:
     """A BIG-like coarse mask: GT downsampled by ``factor`` (area), upsampled bicubic, ``> 128``.
 
     Args:
         gt: ``H x W`` mask (uint8 0/255 or bool; ``> 127`` is foreground).
         factor: Downsampling factor (the small side is ``round(side / factor)``, at least 1).
+        threshold: of the upsampled 0..255 map (128: BIG's rule).
 
     Returns:
         ``H x W`` uint8 mask in {0, 255}; differs from the GT only near its boundaries (and loses
@@ -321,4 +323,34 @@ def big_style_coarse(gt: np.ndarray, factor: float = 8) -> np.ndarray:
     small_size = (max(1, round(w / factor)), max(1, round(h / factor)))
     small = cv2.resize(binary, small_size, interpolation=cv2.INTER_AREA)
     big = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    return np.where(big > 128, np.uint8(255), np.uint8(0))
+    return np.where(big > threshold, np.uint8(255), np.uint8(0))
+
+
+def lowres_coarse(
+    gt: np.ndarray,
+    rng: np.random.Generator,
+    factors: tuple[float, float] = (4.0, 32.0),
+    thresholds: tuple[float, float] = (64.0, 192.0),
+) -> np.ndarray:
+    """The mask of a segmentor that worked at a lower resolution (not in the reference).
+
+    :func:`big_style_coarse` with a factor drawn log-uniformly from ``factors`` (how much lower
+    the segmentor's resolution was) and a threshold drawn uniformly from ``thresholds`` (its
+    bias towards over- or under-segmenting): errors along every boundary, thin parts lost,
+    nothing far from the object changed, unlike :func:`synthesize_coarse`'s region errors.
+
+    Args:
+        gt: ``H x W`` mask (uint8 0/255 or bool).
+        rng: the sample's generator.
+        factors: (min, max) downsampling factor, >= 1.
+        thresholds: (min, max) threshold of the upsampled 0..255 map.
+
+    Returns:
+        ``H x W`` uint8 mask in {0, 255}.
+    """
+    lo, hi = float(factors[0]), float(factors[1])
+    if not 1.0 <= lo <= hi:
+        raise ValueError(f"factors must satisfy 1 <= min <= max, got {factors}")
+    factor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    threshold = float(rng.uniform(*thresholds))
+    return big_style_coarse(gt, factor, threshold)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from samsr.data.coarse_synthesis import synthesize_coarse
+from samsr.data.coarse_synthesis import lowres_coarse, synthesize_coarse
 from samsr.data.io import DataError, read_image, read_mask
 from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs, holdout_split
 from samsr.data.transforms import CropFlip, image_to_tensor, mask_to_tensor, photometric
@@ -53,6 +53,12 @@ class RefinementTrainDataset(Dataset):
         crop_size: Crop side S.
         layout: ``"auto"`` or a layout of :func:`~samsr.data.layouts.find_pairs`, for every root.
         iou_range: Range of the coarse mask's IoU target.
+        lowres_prob: not in the reference (0 by default): the probability that a sample's
+            coarse mask is that of a lower-resolution segmentor
+            (:func:`~samsr.data.coarse_synthesis.lowres_coarse`: boundary errors only) instead
+            of the reference perturbation (:func:`~samsr.data.coarse_synthesis.synthesize_coarse`:
+            region errors at an IoU in ``iou_range``).
+        lowres_factors: (min, max) resolution factor of those segmentors.
         seed: See above.
         strict: Unmatched files raise (True) or are skipped with a warning (False).
         photometric: Apply colour jitter and random grayscale.
@@ -76,6 +82,8 @@ class RefinementTrainDataset(Dataset):
         crop_size: int = 224,
         layout: str = "auto",
         iou_range: tuple[float, float] = (0.8, 1.0),
+        lowres_prob: float = 0.0,
+        lowres_factors: tuple[float, float] = (4.0, 32.0),
         seed: int | None = None,
         strict: bool = True,
         photometric: bool = True,
@@ -92,6 +100,10 @@ class RefinementTrainDataset(Dataset):
         self.roots = [Path(r) for r in roots]
         self.crop_size = int(crop_size)
         self.iou_range = (float(iou_range[0]), float(iou_range[1]))
+        if not 0.0 <= lowres_prob <= 1.0:
+            raise DataError(f"lowres_prob must be in [0, 1], got {lowres_prob}.")
+        self.lowres_prob = float(lowres_prob)
+        self.lowres_factors = (float(lowres_factors[0]), float(lowres_factors[1]))
         self.seed = seed
         self.photometric = photometric
         self.flip_prob = flip_prob
@@ -150,7 +162,10 @@ class RefinementTrainDataset(Dataset):
         geometry = CropFlip.sample(*gt.shape, self.crop_size, rng, flip_prob=self.flip_prob)
         image = geometry.apply(image)
         gt = geometry.apply(gt)
-        coarse = synthesize_coarse(gt, rng, iou_range=self.iou_range, max_rounds=self.max_rounds)
+        if self.lowres_prob and rng.random() < self.lowres_prob:
+            coarse = lowres_coarse(gt, rng, self.lowres_factors)
+        else:
+            coarse = synthesize_coarse(gt, rng, self.iou_range, max_rounds=self.max_rounds)
         image_f = image.astype(np.float32) / 255.0
         if self.photometric:
             image_f = photometric(image_f, rng)
