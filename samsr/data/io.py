@@ -23,6 +23,7 @@ __all__ = [
     "DataError",
     "atomic_write_bytes",
     "binarize_mask",
+    "check_same_size",
     "read_image",
     "read_mask",
     "write_image",
@@ -252,3 +253,18 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray, jpeg_quality: i
     if not ok:
         raise DataError(f"write_image({path}): encoding failed.")
     atomic_write_bytes(path, buf.tobytes())
+
+
+def check_same_size(
+    mask: np.ndarray,
+    mask_path: str | os.PathLike[str],
+    image_hw: tuple[int, int],
+    image_path: str | os.PathLike[str],
+    what: str = "mask",
+) -> None:
+    """Raises a DataError naming both files unless ``mask`` (H x W) is ``image_hw`` in size."""
+    if mask.shape != tuple(image_hw):
+        raise DataError(
+            f"{what} {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but image {image_path} "
+            f"is {image_hw[1]}x{image_hw[0]}; they must have the same size."
+        )

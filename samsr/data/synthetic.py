@@ -32,6 +32,7 @@ from samsr.data.coarse_synthesis import big_style_coarse
 from samsr.data.io import (
     DataError,
     atomic_write_bytes,
+    check_same_size,
     read_image,
     read_mask,
     temp_path_for,
@@ -431,11 +432,7 @@ def export_big_layout(
                 width, height = pil.size
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a DataError
             raise DataError(f"cannot read image file {pair.image}: {exc}") from exc
-        if gt.shape != (height, width):
-            raise DataError(
-                f"mask {pair.mask} is {gt.shape[1]}x{gt.shape[0]} (WxH) but image {pair.image} "
-                f"is {width}x{height}; they must have the same size."
-            )
+        check_same_size(gt, pair.mask, (height, width), pair.image)
         for factor, seg_path in zip(factors, seg_paths, strict=True):
             write_mask(seg_path, big_style_coarse(gt, factor))
         write_mask(gt_path, gt)

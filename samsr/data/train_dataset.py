@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from samsr.data.coarse_synthesis import lowres_coarse, synthesize_coarse
-from samsr.data.io import DataError, read_image, read_mask
+from samsr.data.io import DataError, check_same_size, read_image, read_mask
 from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs, holdout_split
 from samsr.data.transforms import CropFlip, image_to_tensor, mask_to_tensor, photometric
 
@@ -146,11 +146,7 @@ class RefinementTrainDataset(Dataset):
         pair = self.pairs[index]
         image = read_image(pair.image)
         gt = read_mask(pair.mask)
-        if gt.shape != image.shape[:2]:
-            raise DataError(
-                f"mask {pair.mask} is {gt.shape[1]}x{gt.shape[0]} (WxH) but image {pair.image} is "
-                f"{image.shape[1]}x{image.shape[0]}; they must have the same size."
-            )
+        check_same_size(gt, pair.mask, image.shape[:2], pair.image)
         return image, gt
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -241,11 +237,7 @@ class EvalDataset(Dataset):
         image = read_image(item.image)
         gt = read_mask(item.gt)
         height, width = image.shape[:2]
-        if gt.shape != (height, width):
-            raise DataError(
-                f"ground truth {item.gt} is {gt.shape[1]}x{gt.shape[0]} (WxH) but image "
-                f"{item.image} is {width}x{height}; they must have the same size."
-            )
+        check_same_size(gt, item.gt, (height, width), item.image, "ground truth")
         coarse = read_mask(item.coarse)
         if coarse.shape != (height, width):
             if not self._resize_logged:

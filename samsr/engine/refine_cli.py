@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samsr.data.io import read_image, read_mask, write_image, write_mask
+from samsr.data.io import check_same_size, read_image, read_mask, write_image, write_mask
 from samsr.device import describe, peak_memory_bytes, peak_memory_kind, reset_peak_memory
 from samsr.errors import SamsrError, report_error
 from samsr.metrics.efficiency import Stopwatch
@@ -45,11 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         image = read_image(args.image)
         coarse = read_mask(args.mask)
-        if coarse.shape != image.shape[:2]:
-            raise SamsrError(
-                f"mask {args.mask} is {coarse.shape[1]}x{coarse.shape[0]} but image {args.image} "
-                f"is {image.shape[1]}x{image.shape[0]}; pass a mask of the image's size."
-            )
+        check_same_size(coarse, args.mask, image.shape[:2], args.image)
         refiner = load_refiner(args.ckpt, args.preset, args.device)
     except (SamsrError, OSError, ValueError) as err:
         return report_error(err, "refine.py")
