@@ -1,8 +1,12 @@
-"""Evaluate a refiner: ``python scripts/eval.py ckpt_path=... [data=big] [inference=faithful]``."""
+"""Evaluate a refiner: ``python scripts/eval.py ckpt_path=... [data=big] [inference=faithful]``;
+split over several GPUs with ``torchrun --nproc_per_node=N scripts/eval.py ...``."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from samsr.distributed import hydra_rank_overrides
 from samsr.engine.run import run_eval
 from samsr.errors import exit_on_error
 
@@ -14,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv += hydra_rank_overrides(sys.argv[1:])  # torchrun ranks > 0: no second run folder
     main()

@@ -1,8 +1,12 @@
-"""Train a refiner: ``python scripts/train.py [experiment=quickstart] [overrides...]``."""
+"""Train a refiner: ``python scripts/train.py [experiment=quickstart] [overrides...]``; on several
+GPUs ``torchrun --nproc_per_node=N scripts/train.py ...`` (README, "Several GPUs")."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from samsr.distributed import hydra_rank_overrides
 from samsr.engine.run import run_train
 from samsr.errors import exit_on_error
 
@@ -14,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv += hydra_rank_overrides(sys.argv[1:])  # torchrun ranks > 0: no second run folder
     main()

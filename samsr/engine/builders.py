@@ -163,15 +163,20 @@ def build_train_dataset(data_cfg: DictConfig, model_cfg: DictConfig) -> torch.ut
 
 
 def make_train_caches(
-    model_cfg: DictConfig, roots: list[str], device: torch.device
+    model_cfg: DictConfig,
+    roots: list[str],
+    device: torch.device,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[tuple[str, Any]]:
     """Makes the missing cache files of every ``model.train_inputs`` entry (its ``make``) with
-    the model's SAM; returns ``(cache folder, summary)`` per entry. Current files are skipped."""
+    the model's SAM, for this process's ``shard`` (index, count) of the images; returns
+    ``(cache folder, summary)`` per entry. Current files are skipped."""
     sam = sam_settings(model_cfg.sam)
     done = []
     for keyword, node in model_cfg.train_inputs.items():
         make = _instantiate(node.make, f"model.train_inputs.{keyword}.make")
-        done.append((str(node.make.out), make(images=roots, sam=sam, device=str(device))))
+        summary = make(images=roots, sam=sam, device=str(device), shard=shard)
+        done.append((str(node.make.out), summary))
     return done
 
 

@@ -5,7 +5,11 @@ A samsr checkpoint is a dict holding only plain containers and tensors (loadable
 
     {"format": "samsr", "version": str, "model_name": str, "model": state_dict,
      "optimizer": ..., "scheduler": ..., "scaler": ..., "step": int, "rng": {...},
-     "config": dict (resolved), "git_commit": str | None}
+     "config": dict (resolved), "git_commit": str | None,
+     "rng_ranks": [every rank's RNG state], "layout": {"world_size", "batch_size",
+     "per_rank_batch", "micro_batch", "accumulate"}}
+
+(``rng`` is rank 0's; older checkpoints lack the last two keys: one rank, no accumulation.)
 """
 
 from __future__ import annotations

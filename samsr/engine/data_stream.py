@@ -66,14 +66,43 @@ class SampleStream(Dataset):
 
 
 class StreamSampler(Sampler[int]):
-    """Yields stream positions ``start, start + 1, ...`` up to ``stop`` (exclusive)."""
+    """Yields the stream positions ``start, start + 1, ...`` up to ``stop`` (exclusive) that
+    this rank reads.
 
-    def __init__(self, start: int, stop: int) -> None:
+    With ``period`` (the global batch ``B``) and ``shards > 1`` (the world size ``W``), each
+    step's ``B`` positions are cut into ``W`` consecutive slices and rank ``shard`` reads only
+    its slice: the ranks together read the single-process sequence, step by step.
+
+    Args:
+        start: first position (a multiple of ``period``).
+        stop: end position (exclusive; a multiple of ``period``).
+        period: positions per step (``B``, divisible by ``shards``); needed with ``shards > 1``.
+        shard: this rank.
+        shards: the world size.
+    """
+
+    def __init__(
+        self, start: int, stop: int, period: int | None = None, shard: int = 0, shards: int = 1
+    ) -> None:
         self.start = int(start)
         self.stop = int(stop)
+        self.shard = int(shard)
+        self.shards = int(shards)
+        if self.shards > 1 and (period is None or period % self.shards):
+            raise ValueError(f"period {period} must be a multiple of the {shards} shards")
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {shard} is not in [0, {shards})")
+        self.period = int(period) if period is not None else 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+        if self.shards == 1:
+            return iter(range(self.start, self.stop))
+        size = self.period // self.shards
+        return (
+            step + self.shard * size + i
+            for step in range(self.start, self.stop, self.period)
+            for i in range(size)
+        )
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start) // self.shards

@@ -1,4 +1,5 @@
-"""Evaluation loop: refine every image of every coarse source, score it, time it, report it."""
+"""Evaluation loop: refine every image of every coarse source, score it, time it, report it; in
+one process or split over the ranks of a ``torchrun`` job (every accuracy field equal)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import numpy as np
 from tqdm import tqdm
 
 from samsr.data.io import write_mask
+from samsr.distributed import DistContext, all_gather_objects
 from samsr.metrics import (
     EfficiencyMeter,
     RefinementMeter,
     format_efficiency,
     format_refinement_table,
+    merge_efficiency,
 )
 
 RefineFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -34,6 +37,7 @@ def evaluate(
     progress: bool = True,
     small_coarse_rule: str = "cascadepsp",
     facts: Mapping[str, Any] | None = None,
+    dist: DistContext | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``refine`` on each coarse source.
 
@@ -53,11 +57,16 @@ def evaluate(
         small_coarse_rule: CascadePSP's small-object rule (see :class:`RefinementMeter`).
         facts: settings recorded in every source's metrics beside device and dtype (e.g. the
             ``cudnn_benchmark`` / ``tf32`` flags in force).
+        dist: with several ranks (every rank calls this), rank ``r`` refines images ``r, r + W,
+            ...`` of each source; rank 0 gathers the per-image scores in dataset order (so every
+            accuracy field equals a one-process run's), merges the timings (``per_rank`` keeps
+            each rank's) and writes the reports.
 
     Returns:
         source -> metrics (``iou``, ``miou``, ``mba``, ``*_coarse``, ``*_delta``, ``time_s``,
-        ``peak_mem_gib``, ...).
+        ``peak_mem_gib``, ...); ``{}`` on ranks other than 0.
     """
+    ctx = dist or DistContext()
     if not datasets:
         raise ValueError("no evaluation datasets configured (data.test / data.val is empty)")
     results: dict[str, dict[str, Any]] = {}
@@ -69,8 +78,9 @@ def evaluate(
         takes_name = bool(getattr(refine, "takes_name", False))
         if hasattr(refine, "reset"):
             refine.reset()  # per-source stage times / counts (SAM-guided refiners)
-        sizes: set[tuple[int, int]] = set()
-        bar = tqdm(range(len(dataset)), desc=f"eval {source}", disable=not progress, leave=False)
+        indices = range(ctx.rank, len(dataset), ctx.world_size)
+        show = progress and ctx.is_main
+        bar = tqdm(indices, desc=f"eval {source}", disable=not show, leave=False)
         for i in bar:
             sample = dataset[i]
             with eff.measure(size=sample["gt"].shape[:2]):
@@ -79,19 +89,46 @@ def evaluate(
                 else:
                     pred = refine(sample["image"], sample["coarse"])
             meter.update(sample["name"], sample["gt"], pred, sample["coarse"])
-            sizes.add(tuple(sample["gt"].shape[:2]))
             if save_masks and out_dir is not None:
                 write_mask(Path(out_dir) / "masks" / source / f"{sample['name']}_mask.png", pred)
-        res: dict[str, Any] = {**meter.compute(), **eff.compute(), **(facts or {})}
-        res["image_sizes"] = sorted(f"{w}x{h}" for h, w in sizes)
-        if hasattr(refine, "report"):
-            res.update(refine.report())  # e.g. sam_ms / refine_ms and SAM-SR v1 gate counts
-        res["per_image"] = meter.per_image()
+        report = refine.report() if hasattr(refine, "report") else {}
+        part = (list(indices), meter.per_image(), eff.compute() if len(eff) else None, report)
+        parts = all_gather_objects(part) if ctx.enabled else [part]
+        if not ctx.is_main:
+            continue
+        if ctx.enabled:  # every rank's rows, in dataset order
+            order = sorted((i, row) for idx, rows, _, _ in parts for i, row in zip(idx, rows))
+            meter = RefinementMeter(small_coarse_rule=small_coarse_rule)
+            meter.add_rows([row for _, row in order])
+        res: dict[str, Any] = {
+            **meter.compute(),
+            **merge_efficiency([p[2] for p in parts if p[2] is not None]),
+            **(facts or {}),
+        }
+        rows = meter.per_image()
+        res["image_sizes"] = sorted({f"{row['width']}x{row['height']}" for row in rows})
+        res.update(_merge_reports([p[3] for p in parts], [len(p[0]) for p in parts]))
+        res["per_image"] = rows
         results[source] = res
 
-    if out_dir is not None:
+    if out_dir is not None and ctx.is_main:
         write_results(results, out_dir, method)
     return results
+
+
+def _merge_reports(reports: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+    """The ranks' ``refine.report()`` as one: ``*_ms`` means weighted by images, integer
+    counts summed, anything else as rank 0 has it."""
+    if len(reports) == 1:
+        return dict(reports[0])
+    out = dict(reports[0])
+    for key, value in reports[0].items():
+        if key.endswith("_ms"):
+            total = sum(n for r, n in zip(reports, counts) if key in r)
+            out[key] = sum(r[key] * n for r, n in zip(reports, counts) if key in r) / total
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = sum(int(r.get(key, 0)) for r in reports)
+    return out
 
 
 def _json_safe(obj: Any) -> Any:

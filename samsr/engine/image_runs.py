@@ -21,6 +21,7 @@ from tqdm import tqdm
 from samsr.data.io import DataError
 from samsr.data.layouts import LAYOUTS, find_big_split, find_pairs
 from samsr.data.sam_maps import map_name
+from samsr.distributed import env_context, rank_device
 from samsr.guidance.build import SamSettings
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "collect_images",
     "parse_shard",
     "report_summary",
+    "resolve_run_arguments",
     "run_per_image",
     "sam_from_args",
 ]
@@ -224,14 +226,25 @@ def add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """Device, sharding, overwrite and progress options shared by the precompute command lines."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument(
-        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
-        help=f"{what} every N-th image starting at the I-th (0-based), e.g. 1/4",
+        "--shard", type=parse_shard, default=None, metavar="I/N",
+        help=f"{what} every N-th image starting at the I-th (0-based), e.g. 1/4 (default: "
+        "all images; under torchrun, RANK/WORLD_SIZE, each rank on GPU LOCAL_RANK)",
     )  # fmt: skip
     parser.add_argument(
         "--overwrite", action="store_true",
         help=f"replace a cache made with other settings and recompute every {what} of this run",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_run_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills ``--shard`` and ``--device`` in for the process: under ``torchrun`` a missing
+    ``--shard`` is ``RANK/WORLD_SIZE`` and ``auto``/``cuda`` is ``cuda:LOCAL_RANK``."""
+    ctx = env_context()
+    if args.shard is None:
+        args.shard = (ctx.rank, ctx.world_size)
+    args.device = rank_device(args.device)
+    return args
 
 
 def report_summary(what: str, summary: Summary, shard: tuple[int, int]) -> int:

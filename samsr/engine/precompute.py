@@ -10,8 +10,10 @@ settings into the same cache fails unless ``--overwrite``. Maps already made wit
 settings are skipped, so an interrupted run is resumed by running it again. A failing image is
 reported and the run goes on; the exit status is 1 if any failed.
 
-Several GPUs split the work with ``--shard I/N`` (every N-th image from the I-th)::
+Several GPUs split the work under ``torchrun`` (rank ``r`` of ``N`` takes every N-th image from
+the r-th, on GPU ``LOCAL_RANK``), or with ``--shard I/N`` in plain processes::
 
+    torchrun --standalone --nproc_per_node=4 scripts/precompute_sam.py ...
     for k in 0 1 2 3; do
         CUDA_VISIBLE_DEVICES=$k python scripts/precompute_sam.py --shard $k/4 ... &
     done; wait
@@ -50,6 +52,7 @@ from samsr.engine.image_runs import (
     add_run_arguments,
     collect_images,
     report_summary,
+    resolve_run_arguments,
     run_per_image,
     sam_from_args,
 )
@@ -162,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="precompute_sam.py",
         description="Precompute SAM colour maps (SAM-SR v2.1) into a cache folder.",
-        epilog="Several GPUs: CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam.py "
-        "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
+        epilog="Several GPUs: torchrun --nproc_per_node=4 scripts/precompute_sam.py ..., or "
+        "CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam.py --shard k/4 ... for k = 0..3. "
+        "Rerun the same command to resume.",
     )
     add_input_arguments(parser)
     amg = parser.add_argument_group("AMG settings (default: SAM's)")
@@ -262,7 +266,7 @@ def make_sam_maps(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 some images failed, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    args = resolve_run_arguments(build_parser().parse_args(argv))
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         summary = make_sam_maps(

@@ -22,7 +22,9 @@ An embedding already on disk (complete ``.npy``, float16, ``C`` channels) is ski
 interrupted run is resumed by running it again; a truncated or corrupt file is recomputed. A failing
 image is reported and the run goes on; the exit status is 1 if any failed (2: bad input).
 
-Several GPUs split the work with ``--shard I/N`` (every N-th image from the I-th)::
+Several GPUs split the work under ``torchrun`` (rank ``r`` of ``N`` takes every N-th image from
+the r-th, on GPU ``LOCAL_RANK``: ``torchrun --standalone --nproc_per_node=4
+scripts/precompute_sam_embeddings.py ...``), or with ``--shard I/N`` in plain processes::
 
     for k in 0 1 2 3; do
         CUDA_VISIBLE_DEVICES=$k python scripts/precompute_sam_embeddings.py --shard $k/4 ... &
@@ -56,6 +58,7 @@ from samsr.engine.image_runs import (
     add_run_arguments,
     collect_images,
     report_summary,
+    resolve_run_arguments,
     run_per_image,
     sam_from_args,
 )
@@ -294,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="precompute_sam_embeddings.py",
         description="Precompute SAM image embeddings of whole images (SAM-SR v3 training).",
-        epilog="Several GPUs: CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam_embeddings.py "
-        "--shard k/4 ... for k = 0..3. Rerun the same command to resume.",
+        epilog="Several GPUs: torchrun --nproc_per_node=4 scripts/precompute_sam_embeddings.py "
+        "..., or CUDA_VISIBLE_DEVICES=k python scripts/precompute_sam_embeddings.py --shard k/4 "
+        "... for k = 0..3. Rerun the same command to resume.",
     )
     add_input_arguments(parser)
     add_run_arguments(parser, "embedding")
@@ -358,7 +362,7 @@ def make_sam_embeddings(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 some images failed, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    args = resolve_run_arguments(build_parser().parse_args(argv))
     try:
         summary = make_sam_embeddings(
             args.images, args.out, sam_from_args(args), args.device, args.layout, args.shard,

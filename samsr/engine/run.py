@@ -13,7 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from samsr.device import backend_flags, resolve_device
+from samsr import distributed
+from samsr.device import backend_flags
+from samsr.distributed import DistContext
 from samsr.engine.builders import (
     ConfigError,
     build_eval_datasets,
@@ -70,12 +72,14 @@ def evaluate_model(
     out_dir: str | Path | None,
     progress: bool = True,
     predictor: Refiner | SamGuidedRefiner | None = None,
+    dist: DistContext | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` with the cascade of ``cfg.inference`` on ``datasets`` (source ->
     :class:`~samsr.data.train_dataset.EvalDataset`, from :func:`build_eval_datasets`).
 
     ``predictor`` (from :func:`build_predictor`) is reused when given: validation builds SAM
-    once per run, not once per validation."""
+    once per run, not once per validation. With ``dist`` (several ranks, all calling this) the
+    images are split over the ranks and rank 0 gets the results (``{}`` elsewhere)."""
     refiner = predictor if predictor is not None else build_predictor(model, cfg, device)
     cascade = cascade_config(cfg.inference)
     # the inference flags for SAM too (the refiner sets them for its own calls)
@@ -92,19 +96,23 @@ def evaluate_model(
             progress=progress,
             small_coarse_rule=str(cfg.eval.get("small_coarse_rule", "cascadepsp")),
             facts=flags,
+            dist=dist,
         )
 
 
-def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:
+def _precompute_sam_inputs(cfg: DictConfig, device: torch.device, ctx: DistContext) -> None:
     """With ``model.precompute``, first makes the missing files of every SAM cache that training
     reads (``model.train_inputs``: v2.1 maps, v3 cached embeddings). Current files are skipped,
-    so this costs little once a cache is complete."""
+    so this costs little once a cache is complete. Each rank makes its share of the images."""
     from samsr.data.io import DataError
 
     if not cfg.model.precompute:
         return
     roots = [str(r) for r in cfg.data.train.roots]
-    for cache_dir, summary in make_train_caches(cfg.model, roots, device):
+    shard = (ctx.rank, ctx.world_size)
+    caches = make_train_caches(cfg.model, roots, device, shard)
+    distributed.barrier()  # every share is made before any rank reads the cache
+    for cache_dir, summary in caches:
         log.info("SAM cache %s: %s", cache_dir, summary.line())
         if summary.failed:
             image, reason = summary.failed[0]
@@ -115,23 +123,47 @@ def _precompute_sam_inputs(cfg: DictConfig, device: torch.device) -> None:
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) a refiner, then optionally evaluate it on ``data.test``.
+    """Train (or resume) a refiner, then optionally evaluate it on ``data.test``; one process,
+    or every rank of a ``torchrun`` job (see :mod:`samsr.distributed`).
 
     Returns:
-        ``{"run_dir": Path, "checkpoint": Path, "test": results or None}``.
+        ``{"run_dir": Path, "checkpoint": Path, "test": results or None}`` (``test`` is None on
+        ranks other than 0).
     """
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.paths.output_dir)
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, device)
+    finally:
+        distributed.teardown()
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    """The run folder: Hydra's (rank 0's, under torchrun), or the one of ``resume``."""
+    run_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
     if cfg.get("resume"):
         resume = Path(cfg.resume)
         if not resume.is_file():
             raise ConfigError(f"resume checkpoint not found: {resume}")
         run_dir = resume.resolve().parent.parent  # <run dir>/checkpoints/<file>.pt
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run dir: %s, device: %s", run_dir, device)
+    return run_dir
 
-    prepare_data(cfg.data)
+
+def _prepare_data(data_cfg: DictConfig) -> None:
+    """The data config's ``prepare`` steps, on rank 0 while the other ranks wait."""
+    if distributed.env_context().is_main:
+        prepare_data(data_cfg)
+    distributed.barrier()
+
+
+def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str, Any]:
+    seed_everything(int(cfg.seed))
+    run_dir = _run_dir(cfg)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        where = f", {ctx.world_size} ranks" if ctx.enabled else ""
+        log.info("run dir: %s, device: %s%s", run_dir, device, where)
+
+    _prepare_data(cfg.data)
     settings = train_settings(cfg.trainer)
     # Every evaluation set is found and checked now, not at the first validation or after the
     # last step: a missing folder or an unpaired file fails before step 0 (and before any
@@ -146,20 +178,23 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             out = run_dir / "val" / f"step_{step:07d}"
             if predictor is None:
                 predictor = build_predictor(m, cfg, device)
-            res = evaluate_model(m, cfg, device, val_sets, out, False, predictor)
+            res = evaluate_model(m, cfg, device, val_sets, out, False, predictor, ctx)
             return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
 
     test_sets = None
     if cfg.get("test_after_training") and cfg.data.get("test"):
         test_sets = build_eval_datasets(cfg.data, "test", cfg.eval.get("max_images"))
 
-    _precompute_sam_inputs(cfg, device)
+    _precompute_sam_inputs(cfg, device, ctx)
     dataset = build_train_dataset(cfg.data, cfg.model)
     init_weights = cfg.model.init_weights
     model = build_model(cfg.model, weights=init_weights, init=True)
     if not init_weights and not cfg.get("resume"):  # from scratch: ImageNet encoder weights
         source = load_pretrained(model, cfg.model, str(cfg.paths.checkpoint_dir))
-        log.info("encoder initialisation: %s", source or "random")
+        if ctx.is_main:
+            log.info("encoder initialisation: %s", source or "random")
+    if ctx.rank:  # the same initial weights (DDP copies rank 0's), other dropout numbers
+        seed_everything(int(cfg.seed) + 1_000_003 * ctx.rank)
 
     trainer = Trainer(
         model=model,
@@ -176,34 +211,46 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         validate=validate,
         guidance=build_train_guidance(cfg.model, device),
         writer_factory=instantiate(cfg.logger),
+        dist=ctx,
     )
     if cfg.get("resume"):
         trainer.resume(cfg.resume)
     ckpt = trainer.fit()
-    log.info("checkpoint: %s", ckpt)
+    if ctx.is_main:
+        log.info("checkpoint: %s", ckpt)
 
     results = None
     if test_sets is not None:
-        results = evaluate_model(trainer.model, cfg, device, test_sets, run_dir / "test")
-        print(format_results(results, method=str(cfg.model.name)))
-        print(f"\nresults: {run_dir / 'test' / 'results.md'}\ncheckpoint: {ckpt}")
+        results = evaluate_model(
+            trainer.model, cfg, device, test_sets, run_dir / "test", ctx.is_main, dist=ctx
+        )
+        if ctx.is_main:
+            print(format_results(results, method=str(cfg.model.name)))
+            print(f"\nresults: {run_dir / 'test' / 'results.md'}\ncheckpoint: {ckpt}")
+        else:
+            results = None
     return {"run_dir": run_dir, "checkpoint": ckpt, "test": results}
 
 
 def run_eval(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Evaluate a checkpoint on ``data.<split>``; writes metrics.json and results.md."""
+    """Evaluate a checkpoint on ``data.<split>``; writes metrics.json and results.md. Under
+    ``torchrun`` the images are split over the ranks; rank 0 writes (``{}`` elsewhere)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError(
             "eval needs weights: pass ckpt_path=<run dir>/checkpoints/last.pt (from "
             "scripts/train.py) or the official CRM checkpoint (see checkpoints/README.md)"
         )
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.device)
-    prepare_data(cfg.data)
-    datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
-    model = build_model(cfg.model, weights=cfg.ckpt_path)
-    out_dir = Path(cfg.paths.output_dir)
-    results = evaluate_model(model, cfg, device, datasets, out_dir)
-    print(format_results(results, method=str(cfg.model.name)))
-    print(f"\nresults: {out_dir / 'results.md'}")
-    return results
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        seed_everything(int(cfg.seed))
+        _prepare_data(cfg.data)
+        datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
+        model = build_model(cfg.model, weights=cfg.ckpt_path)
+        out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
+        results = evaluate_model(model, cfg, device, datasets, out_dir, ctx.is_main, dist=ctx)
+        if ctx.is_main:
+            print(format_results(results, method=str(cfg.model.name)))
+            print(f"\nresults: {out_dir / 'results.md'}")
+        return results
+    finally:
+        distributed.teardown()

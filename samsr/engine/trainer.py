@@ -1,24 +1,31 @@
-"""The training loop: iterations, logging, atomic checkpoints, exact resume, validation."""
+"""The training loop: iterations, logging, atomic checkpoints, exact resume, validation; one
+process or many (DistributedDataParallel under ``torchrun``, see :mod:`samsr.distributed`)."""
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from samsr.device import autocast, backend_flags
+from samsr.distributed import DistContext, DistributedError, all_gather_objects
 from samsr.engine.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
+    rng_state,
     set_rng_state,
     training_state,
 )
@@ -32,7 +39,9 @@ class TrainSettings:
     """Loop settings (``configs/trainer``)."""
 
     max_steps: int = 45705
-    batch_size: int = 12
+    batch_size: int = 12  # the global batch: split over ranks and accumulation steps
+    accumulate: int = 1  # forward/backward passes per step and rank
+    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (CUDA only)
     num_workers: int = 4
     amp_dtype: str | None = None
     cudnn_benchmark: bool = True
@@ -46,8 +55,10 @@ class TrainSettings:
     val_max_images: int | None = 10
 
     def __post_init__(self) -> None:
-        if self.max_steps <= 0 or self.batch_size <= 0:
-            raise ValueError("trainer.max_steps and trainer.batch_size must be positive")
+        if self.max_steps <= 0 or self.batch_size <= 0 or self.accumulate <= 0:
+            raise ValueError(
+                "trainer.max_steps, trainer.batch_size and trainer.accumulate must be positive"
+            )
         if self.num_workers < 0:
             raise ValueError("trainer.num_workers must be >= 0")
         for name in ("log_every", "image_every", "ckpt_every", "val_every"):
@@ -59,10 +70,40 @@ def _every(step: int, period: int) -> bool:
     return period > 0 and step % period == 0
 
 
-def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Loss terms as Python floats, copied to the host in one transfer (one device sync)."""
-    values = torch.stack([v.float() for v in losses.values()]).tolist()
-    return dict(zip(losses, values))
+def micro_batch_size(batch_size: int, world_size: int, accumulate: int) -> int:
+    """Samples per forward pass: the global batch over ranks and accumulation steps."""
+    parts = world_size * accumulate
+    if batch_size % parts:
+        raise ValueError(
+            f"trainer.batch_size ({batch_size}, the global batch) must be a multiple of the "
+            f"world size x trainer.accumulate ({world_size} x {accumulate} = {parts})"
+        )
+    return batch_size // parts
+
+
+class _NullWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_image(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def loss_values(
+    losses: dict[str, torch.Tensor], ctx: DistContext | None = None
+) -> dict[str, float]:
+    """Loss terms as Python floats, copied to the host in one transfer (one device sync); with
+    several ranks, their mean over ranks (a collective: every rank calls it)."""
+    stacked = torch.stack([v.float() for v in losses.values()])
+    if ctx is not None and ctx.enabled:
+        dist.all_reduce(stacked)
+        stacked = stacked / ctx.world_size
+    return dict(zip(losses, stacked.tolist()))
 
 
 class Trainer:
@@ -85,6 +126,10 @@ class Trainer:
             batch (B x 3 x S x S, B x 1 x S x S -> B x E x S x S): SAM-SR v2.2's prompt maps.
         writer_factory: ``(log_dir=..., purge_step=...) -> SummaryWriter`` (the ``logger``
             config); default TensorBoard's ``SummaryWriter``.
+        dist: this process's place in a ``torchrun`` job (default: one process). With several
+            ranks the model is wrapped in DistributedDataParallel, each rank reads its slice of
+            every step's samples, rank 0 alone logs and writes checkpoints, and every rank calls
+            ``validate`` (a distributed evaluation).
     """
 
     def __init__(
@@ -103,8 +148,25 @@ class Trainer:
         validate: Callable[[nn.Module, int], dict[str, float]] | None = None,
         guidance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         writer_factory: Callable[..., SummaryWriter] = SummaryWriter,
+        dist: DistContext | None = None,
     ) -> None:
+        self.dist = dist or DistContext()
+        self.micro_batch = micro_batch_size(
+            settings.batch_size, self.dist.world_size, settings.accumulate
+        )
+        if settings.sync_batchnorm:
+            if device.type != "cuda":
+                raise DistributedError(
+                    "trainer.sync_batchnorm=true needs CUDA (NCCL): torch's SyncBatchNorm does "
+                    "not run on CPU tensors. Set trainer.sync_batchnorm=false for gloo/CPU runs."
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(device)
+        self.net: nn.Module = self.model  # what the training forward calls
+        if self.dist.enabled:
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.loss_fn = loss_fn.to(device)
         self.optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
         self.scheduler = scheduler_factory(self.optimizer)
@@ -124,8 +186,27 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Write ``step_<n>.pt`` and ``last.pt`` atomically; prune old step checkpoints."""
+    def layout(self) -> dict[str, int]:
+        """How this run trains: recorded in every checkpoint."""
+        return {
+            "world_size": self.dist.world_size,
+            "batch_size": self.settings.batch_size,
+            "per_rank_batch": self.settings.batch_size // self.dist.world_size,
+            "micro_batch": self.micro_batch,
+            "accumulate": self.settings.accumulate,
+        }
+
+    def save(self) -> Path | None:
+        """Write ``step_<n>.pt`` and ``last.pt`` atomically (rank 0; every rank calls this: it
+        gathers each rank's RNG state); prune old step checkpoints. Returns the step file's
+        path (None on other ranks)."""
+        # as torch.save bytes: all_gather_object's own pickling of tensors fails to load them
+        buf = io.BytesIO()
+        torch.save(rng_state(), buf)
+        blobs = all_gather_objects(buf.getvalue())
+        if not self.dist.is_main:
+            return None
+        rng_ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         state = training_state(
             self.model,
             self.optimizer,
@@ -135,6 +216,8 @@ class Trainer:
             self.config,
             self.model_name,
         )
+        state["rng_ranks"] = rng_ranks
+        state["layout"] = self.layout()
         path = atomic_torch_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
         atomic_torch_save(state, self.ckpt_dir / "last.pt")
         keep = self.settings.keep_checkpoints
@@ -156,7 +239,25 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        layout = ckpt.get("layout", {"world_size": len(ranks)})
+        if len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank])
+        else:  # the samples are the same; only dropout's random numbers differ
+            set_rng_state(ckpt["rng"])
+            if self.dist.rank:
+                torch.manual_seed(int(torch.randint(2**62, (1,))) + self.dist.rank)
+            if self.dist.is_main:
+                log.warning(
+                    "%s was trained on %d rank(s), resumed on %d: the sample stream continues "
+                    "exactly, the random numbers of dropout do not",
+                    path, len(ranks), self.dist.world_size,
+                )  # fmt: skip
+        if layout.get("batch_size", self.settings.batch_size) != self.settings.batch_size:
+            log.warning(
+                "%s was trained with global batch %s, resumed with %d",
+                path, layout.get("batch_size"), self.settings.batch_size,
+            )  # fmt: skip
         self.step = int(ckpt["step"])
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -164,10 +265,16 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         s = self.settings
-        sampler = StreamSampler(self.step * s.batch_size, s.max_steps * s.batch_size)
+        sampler = StreamSampler(
+            self.step * s.batch_size,
+            s.max_steps * s.batch_size,
+            period=s.batch_size,
+            shard=self.dist.rank,
+            shards=self.dist.world_size,
+        )
         return DataLoader(
             self.stream,
-            batch_size=s.batch_size,
+            batch_size=self.micro_batch,
             sampler=sampler,
             num_workers=s.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -177,12 +284,16 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),
         )
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimisation step on a batch; returns the loss terms as detached device tensors.
+    def _steps(self, loader: DataLoader) -> Iterator[list[dict[str, Any]]]:
+        """The loader's micro-batches, ``accumulate`` at a time (one optimisation step)."""
+        group: list[dict[str, Any]] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.settings.accumulate:
+                yield group
+                group = []
 
-        Nothing here waits for the device: the terms are read (one synchronisation) only on
-        logging steps, by :func:`loss_values`.
-        """
+    def _forward(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         image = batch["image"].to(self.device, non_blocking=True)
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
@@ -194,20 +305,44 @@ class Trainer:
         kwargs = {}
         if batch.get("sam_tokens") is not None:  # SAM-SR v3, cached training scheme
             kwargs["sam_tokens"] = batch["sam_tokens"].to(self.device, non_blocking=True)
-        self.model.train()
         with autocast(self.device, self.settings.amp_dtype):
-            out = self.model(*args, **kwargs)
+            out = self.net(*args, **kwargs)
         losses = self.loss_fn(out["logits"].float(), gt)
+        self._last_images = (image, coarse, gt, out["logits"].detach())
+        return out, losses
+
+    def train_step(
+        self, batches: dict[str, Any] | Sequence[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch, or on ``accumulate`` micro-batches (gradients
+        summed, each loss divided by their number); returns the loss terms (their mean over
+        the micro-batches) as detached device tensors.
+
+        Nothing here waits for the device: the terms are read (one synchronisation) only on
+        logging steps, by :func:`loss_values`. With several ranks, DistributedDataParallel
+        averages the gradients over ranks in the last micro-batch's backward pass.
+        """
+        micro = [batches] if isinstance(batches, dict) else list(batches)
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total"]).backward()
+        terms: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            no_sync = getattr(self.net, "no_sync", None)
+            with nullcontext() if last or no_sync is None else no_sync():
+                _, losses = self._forward(batch)
+                total = losses["total"] if len(micro) == 1 else losses["total"] / len(micro)
+                self.scaler.scale(total).backward()
+            for k, v in losses.items():
+                v = v.detach() / len(micro) if len(micro) > 1 else v.detach()
+                terms[k] = terms[k] + v if k in terms else v
         if self.settings.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self._last_images = (image, coarse, gt, out["logits"].detach())
-        return {k: v.detach() for k, v in losses.items()}
+        return terms
 
     def _log_images(self, writer: SummaryWriter) -> None:
         image, coarse, gt, logits = self._last_images
@@ -220,7 +355,9 @@ class Trainer:
         """Train until ``max_steps``; returns the last checkpoint's path."""
         s = self.settings
         log_dir = str(self.run_dir / "tensorboard")
-        writer = self.writer_factory(log_dir=log_dir, purge_step=self.step + 1)
+        writer: Any = _NullWriter()
+        if self.dist.is_main:
+            writer = self.writer_factory(log_dir=log_dir, purge_step=self.step + 1)
         try:
             with backend_flags(s.cudnn_benchmark, s.tf32):
                 self._loop(writer)
@@ -232,23 +369,37 @@ class Trainer:
 
     def _loop(self, writer: SummaryWriter) -> None:
         s = self.settings
-        bar = tqdm(total=s.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        for batch in self._loader():
-            losses = self.train_step(batch)
+        bar = tqdm(
+            total=s.max_steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not self.dist.is_main,
+        )
+        for micro in self._steps(self._loader()):
+            losses = self.train_step(micro)
             self.step += 1
             bar.update(1)
             if _every(self.step, s.log_every) or self.step == s.max_steps:
-                losses = loss_values(losses)
+                losses = loss_values(losses, self.dist)
                 for k, v in losses.items():
                     writer.add_scalar(f"train/loss_{k}", v, self.step)
                 writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
                 bar.set_postfix(loss=f"{losses['total']:.4f}")
-            if _every(self.step, s.image_every):
+            if _every(self.step, s.image_every) and self.dist.is_main:
                 self._log_images(writer)
             if _every(self.step, s.ckpt_every) or self.step == s.max_steps:
                 self.save()
             if self.validate is not None and _every(self.step, s.val_every):
+                self._sync_buffers()
                 for k, v in self.validate(self.model, self.step).items():
                     writer.add_scalar(f"val/{k}", v, self.step)
                 self.model.train()
         bar.close()
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, so that every rank evaluates
+        the model rank 0 saves. DistributedDataParallel does the same before each forward."""
+        if self.dist.enabled:
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)

@@ -5,7 +5,7 @@ per-image IoUs), ``mba`` (mean boundary accuracy), ``*_coarse`` (the coarse inpu
 (refined minus coarse). Values are fractions in [0, 1]; reports multiply by 100.
 
 Importing this package needs only numpy and OpenCV; the timing names (``EfficiencyMeter``,
-``Stopwatch``, ``measure``) import torch on first use.
+``Stopwatch``, ``measure``, ``merge_efficiency``) import torch on first use.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from samsr.metrics.segmentation import (
 )
 
 if TYPE_CHECKING:
-    from samsr.metrics.efficiency import EfficiencyMeter, Stopwatch, measure
+    from samsr.metrics.efficiency import EfficiencyMeter, Stopwatch, measure, merge_efficiency
 
 __all__ = [
     "EfficiencyMeter",
@@ -43,10 +43,11 @@ __all__ = [
     "format_report",
     "intersection_union",
     "measure",
+    "merge_efficiency",
     "to_uint8_mask",
 ]
 
-_LAZY = {"EfficiencyMeter", "Stopwatch", "measure"}
+_LAZY = {"EfficiencyMeter", "Stopwatch", "measure", "merge_efficiency"}
 
 
 def __getattr__(name: str) -> Any:

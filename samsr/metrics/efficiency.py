@@ -24,7 +24,7 @@ import torch
 
 from samsr import device as devices
 
-__all__ = ["EfficiencyMeter", "Stopwatch", "measure"]
+__all__ = ["EfficiencyMeter", "Stopwatch", "measure", "merge_efficiency"]
 
 
 class Stopwatch:
@@ -173,3 +173,36 @@ class EfficiencyMeter:
             out["max_height"] = max(h for h, _ in sizes)
             out["max_width"] = max(w for _, w in sizes)
         return out
+
+
+def merge_efficiency(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several :meth:`EfficiencyMeter.compute` results (the ranks of a
+    distributed evaluation, each timing its own images on its own device).
+
+    Means are weighted by the images behind them, counts are summed, the peak memory is the
+    largest; the descriptive fields are the first part's, and ``per_rank`` keeps every part.
+    """
+    if not parts:
+        raise ValueError("merge_efficiency needs at least one summary")
+    if len(parts) == 1:
+        return dict(parts[0])
+
+    def weighted(key: str, weight: str) -> float:
+        total = sum(p[weight] for p in parts)
+        return sum(p[key] * p[weight] for p in parts) / total if total else math.nan
+
+    out = dict(parts[0])
+    out["time_s"] = weighted("time_s", "num_timed")
+    out["time_s_all"] = weighted("time_s_all", "num_images")
+    for key in ("num_timed", "num_warmup", "num_images"):
+        out[key] = sum(p[key] for p in parts)
+    peaks = [p["peak_mem_gib"] for p in parts if not math.isnan(p["peak_mem_gib"])]
+    out["peak_mem_gib"] = max(peaks) if peaks else math.nan
+    if all("mean_height" in p for p in parts):
+        out["mean_height"] = weighted("mean_height", "num_images")
+        out["mean_width"] = weighted("mean_width", "num_images")
+        out["max_height"] = max(p["max_height"] for p in parts)
+        out["max_width"] = max(p["max_width"] for p in parts)
+    out["devices"] = sorted({p["device"] for p in parts})
+    out["per_rank"] = [dict(p) for p in parts]
+    return out

@@ -272,6 +272,20 @@ class RefinementMeter:
         self._has_coarse = has_coarse
         return row
 
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Adds images already scored by another meter (its :meth:`per_image` rows, e.g. from
+        the other ranks of a distributed evaluation), in the given order."""
+        for row in rows:
+            name = row["name"]
+            has_coarse = "iou_coarse" in row
+            if name in self._names:
+                raise ValueError(f"Image {name!r} was already added to the meter.")
+            if self._has_coarse is not None and has_coarse != self._has_coarse:
+                raise ValueError(f"Image {name!r}: rows with and without coarse masks mixed.")
+            self._rows.append(dict(row))
+            self._names.add(name)
+            self._has_coarse = has_coarse
+
     def per_image(self) -> list[dict[str, Any]]:
         """Per-image rows: name, height, width, iou, mba (+ iou_coarse, mba_coarse, counts)."""
         return [dict(row) for row in self._rows]
