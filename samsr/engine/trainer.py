@@ -363,6 +363,7 @@ class Trainer:
                 self._loop(writer)
         finally:
             writer.close()
+        self._sync_buffers()  # the test evaluation after training uses rank 0's model
         if self.step < s.max_steps:
             raise RuntimeError(f"training stopped early at step {self.step} of {s.max_steps}")
         return self.ckpt_dir / "last.pt"
