@@ -88,7 +88,7 @@ def setup(device: str | torch.device = "auto") -> tuple[DistContext, torch.devic
         device ``device`` resolves to).
     """
     ctx = env_context()
-    dev = resolve_device(device)
+    dev = resolve_device(rank_device(str(device)))
     if not ctx.enabled:
         return ctx, dev
     if dev.type == "cuda":
@@ -97,7 +97,6 @@ def setup(device: str | torch.device = "auto") -> tuple[DistContext, torch.devic
                 f"LOCAL_RANK {ctx.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
                 "use --nproc_per_node <= the GPUs of each node"
             )
-        dev = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise DistributedError(f"distributed runs need CUDA (NCCL) or the CPU (gloo), not {dev}")
@@ -141,12 +140,13 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 
 def rank_device(device: str) -> str:
-    """The device of this process: under ``torchrun``, ``cuda`` / ``auto`` (with CUDA) become
-    ``cuda:LOCAL_RANK``; anything else (``cpu``, ``cuda:N``) is kept."""
+    """The device of this process: under ``torchrun``, ``cuda``, ``cuda:N`` and ``auto`` (with
+    CUDA) become ``cuda:LOCAL_RANK`` (one GPU per rank); anything else (``cpu``) is kept, and
+    so is every device of a plain process."""
     ctx = env_context()
-    if not ctx.enabled or device not in ("auto", "cuda"):
+    if not ctx.enabled:
         return device
-    if device == "cuda" or torch.cuda.is_available():
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return f"cuda:{ctx.local_rank}"
     return device
 

@@ -239,7 +239,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 def resolve_run_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Fills ``--shard`` and ``--device`` in for the process: under ``torchrun`` a missing
-    ``--shard`` is ``RANK/WORLD_SIZE`` and ``auto``/``cuda`` is ``cuda:LOCAL_RANK``."""
+    ``--shard`` is ``RANK/WORLD_SIZE`` and a CUDA device (or ``auto`` with CUDA) is
+    ``cuda:LOCAL_RANK``."""
     ctx = env_context()
     if args.shard is None:
         args.shard = (ctx.rank, ctx.world_size)

@@ -148,9 +148,9 @@ def _run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _prepare_data(data_cfg: DictConfig) -> None:
+def _prepare_data(data_cfg: DictConfig, ctx: DistContext) -> None:
     """The data config's ``prepare`` steps, on rank 0 while the other ranks wait."""
-    if distributed.env_context().is_main:
+    if ctx.is_main:
         prepare_data(data_cfg)
     distributed.barrier()
 
@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str,
         where = f", {ctx.world_size} ranks" if ctx.enabled else ""
         log.info("run dir: %s, device: %s%s", run_dir, device, where)
 
-    _prepare_data(cfg.data)
+    _prepare_data(cfg.data, ctx)
     settings = train_settings(cfg.trainer)
     # Every evaluation set is found and checked now, not at the first validation or after the
     # last step: a missing folder or an unpaired file fails before step 0 (and before any
@@ -243,7 +243,7 @@ def run_eval(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     ctx, device = distributed.setup(cfg.device)
     try:
         seed_everything(int(cfg.seed))
-        _prepare_data(cfg.data)
+        _prepare_data(cfg.data, ctx)
         datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
         model = build_model(cfg.model, weights=cfg.ckpt_path)
         out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))

@@ -200,13 +200,9 @@ class Trainer:
         """Write ``step_<n>.pt`` and ``last.pt`` atomically (rank 0; every rank calls this: it
         gathers each rank's RNG state); prune old step checkpoints. Returns the step file's
         path (None on other ranks)."""
-        # as torch.save bytes: all_gather_object's own pickling of tensors fails to load them
-        buf = io.BytesIO()
-        torch.save(rng_state(), buf)
-        blobs = all_gather_objects(buf.getvalue())
+        rng_ranks = self._gather_rng_states()
         if not self.dist.is_main:
             return None
-        rng_ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         state = training_state(
             self.model,
             self.optimizer,
@@ -225,6 +221,16 @@ class Trainer:
             for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-keep]:
                 old.unlink(missing_ok=True)
         return path
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state, in rank order (a collective with several ranks)."""
+        if not self.dist.enabled:
+            return [rng_state()]
+        # as torch.save bytes: all_gather_object's own pickling of tensors fails to load them
+        buf = io.BytesIO()
+        torch.save(rng_state(), buf)
+        blobs = all_gather_objects(buf.getvalue())
+        return [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
 
     def resume(self, path: str | Path) -> None:
         """Restore weights, optimiser, schedule, scaler, step and RNG from a checkpoint."""
@@ -331,11 +337,9 @@ class Trainer:
             no_sync = getattr(self.net, "no_sync", None)
             with nullcontext() if last or no_sync is None else no_sync():
                 _, losses = self._forward(batch)
-                total = losses["total"] if len(micro) == 1 else losses["total"] / len(micro)
-                self.scaler.scale(total).backward()
-            for k, v in losses.items():
-                v = v.detach() / len(micro) if len(micro) > 1 else v.detach()
-                terms[k] = terms[k] + v if k in terms else v
+                self.scaler.scale(losses["total"] / len(micro)).backward()
+            for k, v in losses.items():  # dividing by 1 is exact: one pass is unchanged
+                terms[k] = terms.get(k, 0) + v.detach() / len(micro)
         if self.settings.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
