@@ -47,6 +47,10 @@ class SamsrError(Exception):
     """
 
 
+class ConfigError(SamsrError, ValueError):
+    """A configuration value, preset or override is missing or invalid."""
+
+
 class DataError(SamsrError, ValueError):
     """Bad or missing input data; the message names the file(s) and how to fix it.
 
@@ -117,7 +121,7 @@ def exit_on_error(func: F) -> F:
     ``HYDRA_FULL_ERROR=1`` the error propagates too (full traceback). Put it *under*
     ``@hydra.main``, so that it runs inside Hydra's job::
 
-        @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+        @hydra.main(version_base="1.3", config_path="../samsr/configs", config_name="eval")
         @exit_on_error
         def main(cfg: DictConfig) -> None: ...
 

@@ -1,7 +1,7 @@
 """Compare CRM inference variants: ``python scripts/benchmark.py [--ckpt ...] [--variants ...]``.
 
-Each variant (``configs/inference/<name>.yaml``) runs in a fresh process on the same images with
-the same weights; ``python scripts/benchmark.py --help`` lists the options.
+Each variant (``samsr/configs/inference/<name>.yaml``) runs in a fresh process on the same images
+with the same weights; ``python scripts/benchmark.py --help`` lists the options.
 """
 
 import sys

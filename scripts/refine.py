@@ -1,9 +1,9 @@
-"""Refine one photo's coarse mask with a checkpoint (see samsr.engine.refine_cli)."""
+"""Refine coarse masks with a checkpoint: the ``samsr refine`` command from a checkout,
+``python scripts/refine.py IMAGE|DIR --mask MASK|DIR --ckpt CKPT`` (samsr.engine.refine_cli)."""
 
 import sys
 
-from samsr.engine.refine_cli import main
-from samsr.errors import exit_on_error
+from samsr.cli import main
 
 if __name__ == "__main__":
-    sys.exit(exit_on_error(main)())
+    sys.exit(main(["refine", *sys.argv[1:]]))

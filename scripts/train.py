@@ -11,7 +11,7 @@ from samsr.engine.run import run_train
 from samsr.errors import exit_on_error
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="../samsr/configs", config_name="train")
 @exit_on_error  # samsr's errors: one line on stderr, exit status 2
 def main(cfg: DictConfig) -> None:
     run_train(cfg)

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from samsr.engine.configs import CONFIG_DIR
 
 # Small enough for a CPU test run; every model config must accept these overrides.
 TINY = [
@@ -64,7 +64,7 @@ TINY_SYNTHETIC = [
 
 
 def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
-    """Compose ``configs/<name>.yaml`` with outputs and data under ``tmp_path``."""
+    """Compose ``samsr/configs/<name>.yaml`` with outputs and data under ``tmp_path``."""
     paths = [
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={tmp_path / 'run'}",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import gc
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -37,6 +36,7 @@ from samsr.engine.builders import (
     build_train_guidance,
     prepare_data,
 )
+from samsr.engine.configs import CONFIG_DIR
 from samsr.engine.data_stream import StreamSampler
 from samsr.engine.trainer import Trainer, TrainSettings
 from samsr.guidance import AmgConfig, SamRunner, build_tiny_sam, decode_mask
@@ -45,7 +45,7 @@ from samsr.inference import CascadeConfig, Refiner
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 INFERENCE_PRESETS = sorted(p.stem for p in (CONFIGS / "inference").glob("*.yaml"))
 CPU = torch.device("cpu")

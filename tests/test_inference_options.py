@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from samsr.engine.builders import ConfigError, cascade_config
+from samsr.engine.configs import CONFIG_DIR
 from samsr.inference import CascadeConfig, Refiner, refine
 from samsr.inference.cascade import _padded_inputs, pad_reflect
 from samsr.inference.regions import bbox_region, contour_region, strided_fill
@@ -17,7 +16,7 @@ from samsr.inference.tiling import plan_tiles, scaled_window
 from samsr.models import CRM
 from samsr.models.components.fusion import Fusion
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def _inputs(h: int, w: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,17 +9,30 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from samsr.engine.builders import ConfigError, build_eval_datasets, build_loss, build_model
-from samsr.engine.checkpoint import CheckpointError, load_checkpoint
+from samsr.engine.builders import (
+    ConfigError,
+    build_eval_datasets,
+    build_loss,
+    build_model,
+    to_container,
+)
+from samsr.engine.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    atomic_torch_save,
+    load_checkpoint,
+    training_state,
+)
+from samsr.engine.configs import CONFIG_DIR
+from samsr.engine.loading import checkpoint_model_config
 from samsr.engine.run import run_eval, run_train
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 DATA_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
-def test_every_model_config_builds_and_trains_a_step(tiny_cfg, model):
+def test_every_model_config_builds_and_trains_a_step(tiny_cfg, tmp_path, model):
     cfg = tiny_cfg("train", [f"model={model}"])
     net = build_model(cfg.model)
     loss_fn = build_loss(cfg.model)
@@ -30,6 +43,20 @@ def test_every_model_config_builds_and_trains_a_step(tiny_cfg, model):
     losses = loss_fn(out["logits"], coarse)
     losses["total"].backward()
     assert all(torch.isfinite(v) for v in losses.values())
+    # a checkpoint describes itself: its stored config alone rebuilds the network (no overrides)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    state = training_state(net, opt, sched, torch.amp.GradScaler("cpu", enabled=False), 1,
+                           to_container(cfg), str(cfg.model.name))  # fmt: skip
+    path = atomic_torch_save(state, tmp_path / "last.pt")
+    stored = checkpoint_model_config(path)
+    assert stored.name == model
+    assert OmegaConf.to_container(stored.net) == OmegaConf.to_container(cfg.model.net, resolve=True)
+    rebuilt = build_model(stored, weights=LoadedCheckpoint.read(path))
+    again = rebuilt.state_dict()
+    for key, value in net.state_dict().items():
+        same = torch.equal(again[key], value) if torch.is_tensor(value) else again[key] == value
+        assert same, key
 
 
 @pytest.mark.parametrize("data", DATA_CONFIGS)
@@ -38,9 +65,11 @@ def test_every_config_composes_and_resolves(tmp_path, data, name):
     from conftest import compose_config
 
     extra = ["ckpt_path=x.pt"] if name == "eval" else []
+    extra += [f"data.root={tmp_path}"] if data == "folder" else []  # a folder of the user's
     cfg = compose_config(name, [f"data={data}", *extra], tmp_path)
     OmegaConf.resolve(cfg)  # no dangling interpolation
-    assert cfg.data.test.coarse_dirs, f"data={data} has no coarse sources for test"
+    # data=folder finds its coarse sources in the folder (test_eval_discovers_coarse_sources)
+    assert cfg.data.test.coarse_dirs or data == "folder", f"data={data}: no coarse sources"
 
 
 def test_quickstart_experiment_composes(tmp_path):

@@ -42,7 +42,14 @@ if TYPE_CHECKING:
         perturb,
         synthesize_coarse,
     )
-    from samsr.data.io import DataError, read_image, read_mask, write_image, write_mask
+    from samsr.data.io import (
+        DataError,
+        read_coarse_mask,
+        read_image,
+        read_mask,
+        write_image,
+        write_mask,
+    )
     from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs
     from samsr.data.synthetic import export_big_layout, make_synthetic
     from samsr.data.train_dataset import EvalDataset, RefinementTrainDataset
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "DataError": "io",
+    "read_coarse_mask": "io",
     "read_image": "io",
     "read_mask": "io",
     "write_image": "io",
@@ -85,6 +93,7 @@ __all__ = [
     "modify_boundary",
     "perturb",
     "photometric",
+    "read_coarse_mask",
     "read_image",
     "read_mask",
     "synthesize_coarse",

@@ -1,15 +1,18 @@
 """Reading and writing images and masks, with errors that name the file and the fix.
 
-Images come back as ``H x W x 3`` uint8 RGB arrays, masks as ``H x W`` uint8 arrays in {0, 255}.
+Images come back as ``H x W x 3`` uint8 RGB arrays, masks as ``H x W`` uint8 arrays: in {0, 255}
+for scoring and training (:func:`read_mask`), soft values kept for the coarse masks a refiner is
+fed (:func:`read_coarse_mask`, which also reads label maps with a ``label`` id).
 Files are decoded from bytes (``np.fromfile`` + ``cv2.imdecode``) so any path works; EXIF
-orientation is ignored, as in the reference implementations (PIL), so images and masks stay
-aligned.
+orientation is ignored unless asked for (``read_image(exif=True)``), as in the reference
+implementations (PIL), so images and masks stay aligned.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -23,9 +26,13 @@ __all__ = [
     "DataError",
     "atomic_write_bytes",
     "binarize_mask",
+    "check_pixel_limit",
     "check_same_size",
+    "exif_orientation",
+    "read_coarse_mask",
     "read_image",
     "read_mask",
+    "resize_mask",
     "write_image",
     "write_mask",
 ]
@@ -78,7 +85,58 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> numpy ops giving the upright image (as PIL's ImageOps.exif_transpose)
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+    7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+    8: lambda a: np.swapaxes(a, 0, 1)[::-1],
+}
+
+
+def exif_orientation(path: str | os.PathLike[str]) -> int:
+    """The EXIF orientation tag of an image file (1, upright, when there is none)."""
+    try:
+        with Image.open(path) as pil:
+            return int(pil.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - no readable EXIF: as stored
+        return 1
+
+
+def check_pixel_limit(path: str | os.PathLike[str], max_pixels: int) -> None:
+    """Raises a DataError naming the file when its header says it has more than ``max_pixels``
+    pixels (PIL's decompression-bomb guard, ``Image.MAX_IMAGE_PIXELS``, by default)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as pil:
+                width, height = pil.size
+    except Image.DecompressionBombError:
+        width = height = None
+    except Exception:  # noqa: BLE001 - unreadable header: decoding reports it
+        return
+    if width is None or width * height > max_pixels:
+        raise _too_large(path, "image", max_pixels, None if width is None else (width, height))
+
+
+def _too_large(path: Path | str, what: str, limit: int, size: tuple[int, int] | None) -> DataError:
+    shown = "" if size is None else f" ({size[0]}x{size[1]} = {size[0] * size[1]:,} pixels)"
+    return DataError(
+        f"{what} {path}{shown} is above the safety limit of {limit:,} pixels for untrusted files "
+        "(PIL's decompression-bomb limit); if you trust it, allow it (samsr refine "
+        "--allow-large-images)."
+    )
+
+
+def read_image(
+    path: str | os.PathLike[str], exif: bool = False, max_pixels: int | None = None
+) -> np.ndarray:
     """Reads an image as RGB.
 
     Grayscale is replicated to 3 channels, an alpha channel is dropped, 16-bit and float data are
@@ -86,15 +144,24 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
     Args:
         path: Image file (JPEG, PNG, ...).
+        exif: apply the file's EXIF orientation (default: pixels as stored, as the reference
+            implementations read them, so that masks made on them stay aligned).
+        max_pixels: refuse images with more pixels (:func:`check_pixel_limit`); None: no limit.
 
     Returns:
         ``H x W x 3`` uint8 RGB array.
 
     Raises:
-        DataError: The file is missing or cannot be decoded.
+        DataError: The file is missing, cannot be decoded or is over ``max_pixels``.
     """
     path = Path(path)
+    if max_pixels is not None:
+        _check_exists(path, "image")
+        check_pixel_limit(path, max_pixels)
     array = _decode(path, "image")
+    if exif:
+        turn = _ORIENT.get(exif_orientation(path))
+        array = array if turn is None else np.ascontiguousarray(turn(array))
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim == 2:
@@ -157,7 +224,7 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     _check_exists(path, "mask")
     try:
-        with Image.open(path) as pil:
+        with Image.open(path) as pil:  # PIL's decompression-bomb guard applies (see below)
             pil.load()
             if pil.mode == "1":
                 array = np.asarray(pil, dtype=bool)
@@ -178,6 +245,113 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     if array.dtype not in (np.uint8, np.bool_):
         array = _wide_mask_to_uint8(array)
     return binarize_mask(array)
+
+
+def _open_mask(path: Path) -> tuple[np.ndarray, str]:
+    """The mask file's pixels as stored, and PIL's mode (``cv2`` when only OpenCV decodes it)."""
+    _check_exists(path, "mask")
+    try:
+        with Image.open(path) as pil:  # PIL's decompression-bomb guard applies (see below)
+            pil.load()
+            mode = pil.mode
+            if mode in ("CMYK", "YCbCr"):
+                pil, mode = pil.convert("RGB"), "RGB"
+            return np.asarray(pil, dtype=bool if mode == "1" else None), mode
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, "mask", int(Image.MAX_IMAGE_PIXELS or 0), None) from err
+    except Exception:  # noqa: BLE001 - fall back to OpenCV (e.g. 16-bit TIFFs PIL cannot open)
+        array = _decode(path, "mask")
+        if array.ndim == 3 and array.shape[2] >= 3:  # BGR(A) -> RGB(A)
+            array = array[..., [2, 1, 0, *range(3, array.shape[2])]]
+        return array, "cv2"
+
+
+def _label_mask(array: np.ndarray, label: int, path: Path) -> np.ndarray:
+    if array.ndim != 2:
+        raise DataError(
+            f"--label needs a single-channel label map, but mask file {path} has shape "
+            f"{array.shape}; save the label ids as a grayscale or palette PNG."
+        )
+    found = array == label
+    if not found.any():
+        ids = np.unique(array)
+        shown = ", ".join(map(str, ids[:20])) + (", ..." if ids.size > 20 else "")
+        raise DataError(f"label {label} does not occur in mask file {path} (ids: {shown}).")
+    return np.where(found, np.uint8(255), np.uint8(0))
+
+
+def read_coarse_mask(path: str | os.PathLike[str], label: int | None = None) -> np.ndarray:
+    """Reads a coarse mask as people have them, soft values kept (a refiner is fed them as they
+    are, as the reference's test loader does; binarising is for scoring).
+
+    * 0/255, soft 8-bit: as stored. 0/1 (and mode ``1``): scaled to 0/255.
+    * 16-bit: scaled to 8 bits (0/1 and values <= 255 are taken as 8-bit values); float in
+      [0, 1]: times 255.
+    * RGB: the gray value if the channels agree, else any non-black pixel is foreground (a
+      colour-coded mask). An alpha channel that varies is the mask (a cut-out).
+    * Label and palette maps: ``label`` selects one id (foreground = pixels equal to it).
+      Without it, a palette map with more than two ids, or a map whose values are all below 128
+      but not 0/1, is refused with a message listing the ids.
+
+    Args:
+        path: the mask file.
+        label: the object's id in a label/palette map (compared with the stored values).
+
+    Returns:
+        ``H x W`` uint8 mask, 0..255.
+
+    Raises:
+        DataError: missing/undecodable file, unsupported shape, a label map without ``label``,
+            or a ``label`` that does not occur.
+    """
+    path = Path(path)
+    array, mode = _open_mask(path)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[2] in (2, 4):  # gray/colour + alpha
+        alpha = array[..., -1]
+        if label is None and alpha.size and alpha.min() != alpha.max():
+            return _wide_to_coarse(alpha, path)
+        array = array[..., :-1] if array.shape[2] == 4 else array[..., 0]
+    if label is not None:
+        return _label_mask(array, int(label), path)
+    if array.ndim == 3 and array.shape[2] == 3:
+        same = (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all()
+        array = array[..., 0] if same else array.max(axis=2)
+    if array.ndim != 2:
+        raise DataError(f"mask file {path} has unsupported shape {array.shape}; expected H x W.")
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if mode == "P":
+        ids = np.unique(array)
+        if ids.size > 2:
+            raise DataError(
+                f"mask file {path} is a palette label map with ids {', '.join(map(str, ids[:20]))}"
+                "; pass --label ID (label=ID) to pick the object."
+            )
+        return np.where(array > 0, np.uint8(255), np.uint8(0))
+    return _wide_to_coarse(array, path)
+
+
+def _wide_to_coarse(array: np.ndarray, path: Path) -> np.ndarray:
+    mask = array if array.dtype == np.uint8 else _wide_mask_to_uint8(array)
+    peak = int(mask.max()) if mask.size else 0
+    if peak == 1:
+        return mask * np.uint8(255)
+    if 1 < peak < 128:
+        ids = np.unique(mask)
+        raise DataError(
+            f"mask file {path} has no value above 127 (values {', '.join(map(str, ids[:20]))}): "
+            "a label map? pass --label ID (label=ID), or save the mask as 0/255."
+        )
+    return mask if mask.flags.writeable and mask.flags.c_contiguous else mask.copy()
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` (H x W uint8) resized to ``size`` (height, width) bilinearly
+    (``cv2.INTER_LINEAR``): a soft result, to be fed as it is or binarised for scoring."""
+    height, width = size
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def temp_path_for(path: str | os.PathLike[str]) -> Path:

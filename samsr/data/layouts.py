@@ -11,8 +11,13 @@ Training layouts (:func:`find_pairs`):
 * ``auto``: ``duts`` if such sub-folders exist, else ``flat`` if the root holds images, else
   ``fss``.
 
+Refinement input (:func:`pair_for_refinement`, ``samsr refine``): images and their coarse masks
+in one folder or two, paired by name (BIG's ``<name>_im.*`` + ``<name>_seg.png``, or same-stem
+files).
+
 Evaluation layout (:func:`find_big_split`), BIG: ``<name>_im.jpg`` and ``<name>_gt.png`` in a split
-folder; coarse masks ``<name>_seg.png`` in a separate folder per segmentor.
+folder; coarse masks ``<name>_seg.png`` in a separate folder per segmentor,
+``<split>_coarse/<segmentor>/`` beside the split folder (:func:`find_coarse_sources`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ __all__ = [
     "LAYOUTS",
     "BigItem",
     "Pair",
+    "RefineJob",
     "detect_layout",
     "find_big_split",
+    "find_coarse_sources",
+    "pair_for_refinement",
     "find_pairs",
     "holdout_split",
 ]
@@ -305,3 +313,111 @@ def find_big_split(
             f"no BIG-layout images (<name>_im.jpg with <name>_gt.png) found in {split_dir}."
         )
     return [items[n] for n in sorted(items)]
+
+
+def find_coarse_sources(split_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """The coarse-mask sources of a BIG-layout split: every folder in ``<split>_coarse/`` beside
+    ``split_dir`` (``test`` -> ``test_coarse/<segmentor>/``), by name; empty when there is none
+    (the coarse masks are then ``<name>_seg.png`` in ``split_dir`` itself)."""
+    split_dir = Path(split_dir)
+    parent = split_dir.parent / f"{split_dir.name}_coarse"
+    if not parent.is_dir():
+        return {}
+    return {d.name: d for d in _subdirs(parent)}
+
+
+@dataclass(frozen=True)
+class RefineJob:
+    """One image to refine and its coarse mask.
+
+    Attributes:
+        name: the output name (``<name>`` of ``<name>_im.jpg``, else the image's stem).
+        image: the image file.
+        mask: its coarse mask, or None when none was found (``problem`` says why).
+        problem: why the image cannot be refined (None: it can).
+    """
+
+    name: str
+    image: Path
+    mask: Path | None
+    problem: str | None = None
+
+
+_NOT_IMAGES = ("_seg", "_gt", "_mask")  # stems of masks, never images to refine
+
+
+def _mask_candidates(image: Path, name: str, mask_dir: Path) -> list[Path]:
+    exts = (_MASK_SUFFIX, *_IMAGE_SUFFIXES)
+    stems = dict.fromkeys((f"{name}_seg", image.stem, name, f"{name}_mask"))
+    return [mask_dir / f"{stem}{ext}" for stem in stems for ext in exts]
+
+
+def pair_for_refinement(
+    images: str | os.PathLike[str], masks: str | os.PathLike[str]
+) -> list[RefineJob]:
+    """The images to refine and their coarse masks.
+
+    ``images`` is a file or a folder; ``masks`` a file (``images`` must then be a file) or a
+    folder, which may be the image folder itself. For each image ``<name>_im.<ext>`` or
+    ``<stem>.<ext>`` the mask is the first of ``<name>_seg``, ``<stem>``, ``<name>``,
+    ``<name>_mask`` (PNG first, then any image suffix) in the mask folder, other than the image
+    itself. In a folder, files named ``*_seg``, ``*_gt``, ``*_mask`` are never images; where
+    images and masks share one folder, only the ``*_im`` files are images if there are any, and
+    ``x.png`` beside ``x.jpg`` is a mask.
+
+    Returns:
+        Jobs sorted by name; an image without a mask, or a second image of the same name, is a
+        job with a ``problem`` (reported, the others go on).
+
+    Raises:
+        DataError: missing paths, a folder of images with a mask file, or no images at all.
+    """
+    images, masks = Path(images), Path(masks)
+    for path, what in ((images, "image"), (masks, "mask")):
+        if not path.exists():
+            raise DataError(f"{what} path not found: {path}")
+    if images.is_file():
+        name = images.stem.removesuffix("_im")
+        if masks.is_file():
+            return [RefineJob(name, images, masks)]
+        return [_job(images, name, masks)]
+    if masks.is_file():
+        raise DataError(
+            f"{images} is a folder but --mask {masks} is one file: pass the folder of masks "
+            "(paired by name) or refine one image at a time."
+        )
+    files = [p for p in _files(images) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    files = [p for p in files if not p.stem.endswith(_NOT_IMAGES)]
+    if masks.resolve() == images.resolve():
+        tagged = [p for p in files if p.stem.endswith("_im")]
+        # x.jpg + x.png in one folder: the PNG is x.jpg's mask
+        others = {p.stem for p in files if p.suffix.lower() != _MASK_SUFFIX}
+        files = tagged or [
+            p for p in files if p.suffix.lower() != _MASK_SUFFIX or p.stem not in others
+        ]
+    jobs = [_job(p, p.stem.removesuffix("_im"), masks) for p in files]
+    if not jobs:
+        raise DataError(
+            f"no images in {images} (looked for {', '.join(IMAGE_EXTENSIONS)} files not named "
+            "*_seg/*_gt/*_mask)."
+        )
+    out, seen = [], set()
+    for job in sorted(jobs, key=lambda j: (j.name, j.image.name)):
+        if job.name in seen:
+            job = RefineJob(job.name, job.image, None, f"another image is also named {job.name}")
+        seen.add(job.name)
+        out.append(job)
+    return out
+
+
+def _job(image: Path, name: str, mask_dir: Path) -> RefineJob:
+    for candidate in _mask_candidates(image, name, mask_dir):
+        if candidate.is_file() and candidate.resolve() != image.resolve():
+            return RefineJob(name, image, candidate)
+    return RefineJob(
+        name,
+        image,
+        None,
+        f"no mask for {image.name} in {mask_dir} (looked for {name}_seg.png, "
+        f"{image.stem}.png, {name}.png, {name}_mask.png)",
+    )

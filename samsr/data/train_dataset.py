@@ -11,13 +11,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from samsr.data.coarse_synthesis import lowres_coarse, synthesize_coarse
-from samsr.data.io import DataError, check_same_size, read_image, read_mask
+from samsr.data.io import (
+    DataError,
+    check_same_size,
+    read_coarse_mask,
+    read_image,
+    read_mask,
+    resize_mask,
+)
 from samsr.data.layouts import BigItem, Pair, find_big_split, find_pairs, holdout_split
 from samsr.data.transforms import CropFlip, image_to_tensor, mask_to_tensor, photometric
 
@@ -194,10 +200,12 @@ class RefinementTrainDataset(Dataset):
 class EvalDataset(Dataset):
     """Full-resolution evaluation items of a BIG-layout split (not batched).
 
-    A coarse mask of a different size than the image (e.g. a low-resolution segmentor's output) is
-    resized to the image size (bilinear, ``cv2.INTER_LINEAR``) and binarised ``> 128``, the rule
-    SPEC section 2 applies to predictions, with one logged warning per dataset (per source) naming
-    the first such file and the sizes; a GT of a different size raises.
+    Coarse masks keep their soft values (:func:`~samsr.data.io.read_coarse_mask`): the refiner
+    is fed them as read, as the reference's test loader does; the metrics binarise them
+    (``> 128``) for the coarse scores. A coarse mask of a different size than the image (e.g. a
+    low-resolution segmentor's output) is resized to the image size (bilinear,
+    ``cv2.INTER_LINEAR``, soft), with one logged warning per dataset (per source) naming the
+    first such file and the sizes; a GT of a different size raises.
 
     Args:
         split_dir: Folder with ``<name>_im.jpg`` + ``<name>_gt.png``.
@@ -229,7 +237,8 @@ class EvalDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Returns ``image`` HxWx3 uint8 RGB, ``gt``/``coarse`` HxW uint8 {0,255}, name, source."""
+        """Returns ``image`` HxWx3 uint8 RGB, ``gt`` HxW uint8 {0,255}, ``coarse`` HxW uint8
+        0..255 (soft values kept), name, source."""
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} items")
         item = self.items[index]
@@ -238,14 +247,14 @@ class EvalDataset(Dataset):
         gt = read_mask(item.gt)
         height, width = image.shape[:2]
         check_same_size(gt, item.gt, (height, width), item.image, "ground truth")
-        coarse = read_mask(item.coarse)
+        coarse = read_coarse_mask(item.coarse)
         if coarse.shape != (height, width):
             if not self._resize_logged:
                 self._resize_logged = True
                 log.warning(
                     "coarse masks of source '%s' differ in size from their images (first: %s "
                     "%dx%d vs image %s %dx%d, WxH); resized to the image size (bilinear, "
-                    "cv2.INTER_LINEAR) and binarised > 128",
+                    "cv2.INTER_LINEAR)",
                     self.source,
                     item.coarse,
                     coarse.shape[1],
@@ -254,8 +263,7 @@ class EvalDataset(Dataset):
                     width,
                     height,
                 )
-            resized = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
-            coarse = np.where(resized > 128, np.uint8(255), np.uint8(0))
+            coarse = resize_mask(coarse, (height, width))
         return {
             "image": image,
             "gt": gt,

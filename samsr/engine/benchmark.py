@@ -2,7 +2,7 @@
 
 ``python scripts/benchmark.py [--ckpt last.pt] [--variants bbox strided4] [--sizes 2048x1536]``
 
-Every variant is an inference config ``configs/inference/<name>.yaml``; ``faithful`` always runs
+Every variant is an inference config (``samsr/configs/inference/<name>.yaml``); ``faithful`` runs
 first and is the reference of every ratio, delta and agreement. Each (variant, image group) runs in
 its own worker process (:mod:`samsr.engine.benchmark_worker`), so CPU peak RSS is per variant and an
 out-of-memory kill costs one row, not the run. The parent prepares the data
@@ -46,7 +46,8 @@ class BenchmarkError(SamsrError, ValueError):
 
 
 def available_variants(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Variant names: ``configs/inference/*.yaml`` stems but single_scale, in benchmark order."""
+    """Variant names: ``samsr/configs/inference/*.yaml`` stems but single_scale, in benchmark
+    order."""
     stems = {p.stem for p in (config_dir / "inference").glob("*.yaml")} - set(EXCLUDED)
     ordered = [v for v in ORDER if v in stems]
     return ordered + sorted(stems - set(ordered))
@@ -68,7 +69,9 @@ def select_variants(
             raise BenchmarkError(f"unknown variant(s) {unknown}; valid: {' '.join(available)}")
         return list(dict.fromkeys(requested))
     if REFERENCE not in available:
-        raise BenchmarkError(f"configs/inference/{REFERENCE}.yaml is missing: it is the reference")
+        raise BenchmarkError(
+            f"samsr/configs/inference/{REFERENCE}.yaml is missing: it is the reference"
+        )
     unknown = [v for v in requested or [] if v not in available]
     if unknown:
         raise BenchmarkError(f"unknown variant(s) {unknown}; valid: {' '.join(available)}")
@@ -96,7 +99,7 @@ def check_device(name: str) -> str:
 
 
 def compose_eval(overrides: list[str]) -> Any:
-    """The ``eval`` config of the repo's ``configs/`` with ``overrides``."""
+    """The ``eval`` config of the repo's ``samsr/configs/`` with ``overrides``."""
     from samsr.engine.configs import compose
 
     return compose("eval", overrides)
@@ -136,30 +139,32 @@ def default_checkpoint() -> Path:
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
-    """The model config (plain dict), the weights file (None: random) and a checkpoint summary."""
-    from samsr.engine.checkpoint import CKPT_FORMAT, load_checkpoint
+    """The model config (plain dict), the weights file (None: random) and a checkpoint summary.
+
+    A checkpoint's model is built from its own stored config (:mod:`samsr.engine.loading`);
+    ``--backbone`` picks the ResNet of an official CRM file or of ``--random-weights``."""
+    from samsr.engine.checkpoint import LoadedCheckpoint
+    from samsr.engine.loading import checkpoint_model_config
 
     backbone = [f"model.net.backbone={args.backbone}"] if args.backbone else []
     if args.random_weights:
         model = _container(compose_eval(backbone or ["model.net.backbone=resnet18"]).model)
         return model, None, {"kind": "random", "path": None}
     path = Path(args.ckpt) if args.ckpt else default_checkpoint()
-    ckpt = load_checkpoint(path)
+    loaded = LoadedCheckpoint.read(path)
     info: dict[str, Any] = {"kind": "official", "path": str(path)}
-    if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
-        model = (ckpt.get("config") or {}).get("model")
-        if not isinstance(model, dict) or not isinstance(model.get("net"), dict):
-            raise BenchmarkError(f"{path} is a samsr checkpoint without config.model.net")
+    if loaded.is_samsr:
+        model = _container(checkpoint_model_config(loaded))
         saved = model["net"].get("backbone")
         if args.backbone and args.backbone != saved:
             raise BenchmarkError(
                 f"{path} holds a {saved} model; --backbone only applies to official CRM files "
                 "and --random-weights"
             )
+        ckpt = loaded.content
         info.update(kind="samsr", model_name=ckpt.get("model_name"), step=ckpt.get("step"))
     else:
         model = _container(compose_eval(backbone).model)
-    del ckpt
     return model, str(path), info
 
 
@@ -238,7 +243,7 @@ def _run_facts(args: argparse.Namespace, argv: list[str], device: str, out: Path
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Runs every (group, variant) worker; writes ``benchmark.json`` and ``benchmark.md``."""
-    from samsr.data.io import atomic_write_bytes, read_mask
+    from samsr.data.io import atomic_write_bytes, read_coarse_mask, read_mask
     from samsr.engine.benchmark_report import add_reference_columns, format_report, score_coarse
     from samsr.engine.benchmark_worker import measure_variant
 
@@ -258,7 +263,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     total, done = len(groups) * len(variants), 0
     for group in groups:
         gts = {it.name: read_mask(it.gt) for it in group.items}
-        coarses = {it.name: read_mask(it.coarse) for it in group.items}
+        coarses = {it.name: read_coarse_mask(it.coarse) for it in group.items}
         sizes = [{"name": n, "height": m.shape[0], "width": m.shape[1]} for n, m in gts.items()]
         entry: dict[str, Any] = {"source": group.source, "images": sizes, "variants": {}}
         entry["coarse"] = score_coarse(gts, coarses)

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``scripts/benchmark.py`` command line."""
     p = argparse.ArgumentParser(
         prog="benchmark.py",
-        description="Compare CRM inference variants (configs/inference/<name>.yaml) on the same "
-        "images with the same weights: time, peak memory, IoU/mBA and agreement with faithful. "
+        description="Compare CRM inference variants (samsr/configs/inference/<name>.yaml) on the "
+        "same images with the same weights: time, peak memory, IoU/mBA and agreement with "
+        "faithful. "
         "Each (variant, image group) runs in a fresh process.",
         epilog="examples:\n"
         "  python scripts/benchmark.py                                   # quickstart ckpt, all\n"

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from samsr import device as devices
-from samsr.data.io import atomic_write_bytes, read_image, read_mask, write_mask
+from samsr.data.io import atomic_write_bytes, read_coarse_mask, read_image, write_mask
 from samsr.engine.builders import build_model, build_refiner
 from samsr.metrics.efficiency import Stopwatch
 
@@ -91,12 +91,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
     items = job["items"]
     first = items[0]
-    crop = warmup_crop(read_image(first["image"]), read_mask(first["coarse"]), job["warmup_size"])
+    crop = warmup_crop(
+        read_image(first["image"]), read_coarse_mask(first["coarse"]), job["warmup_size"]
+    )
     refiner(*crop)  # untimed warm-up: lazy init, allocator, kernels
     mask_dir = Path(job["mask_dir"])
     bar = tqdm(items, desc=f"{job['variant']} @ {job['group']}", disable=not job.get("progress"))
     for item in bar:
-        image, coarse = read_image(item["image"]), read_mask(item["coarse"])
+        image, coarse = read_image(item["image"]), read_coarse_mask(item["coarse"])
         devices.reset_peak_memory(device)
         if cuda:
             devices.reset_peak_memory("cpu")

@@ -14,10 +14,11 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from samsr.data.layouts import find_coarse_sources
 from samsr.data.train_dataset import EvalDataset
-from samsr.engine.checkpoint import CheckpointError, load_model_weights
+from samsr.engine.checkpoint import CheckpointError, CheckpointSource, load_model_weights
 from samsr.engine.trainer import TrainSettings
-from samsr.errors import SamsrError
+from samsr.errors import ConfigError
 from samsr.inference import CascadeConfig, Refiner
 
 if TYPE_CHECKING:
@@ -30,12 +31,11 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class ConfigError(SamsrError, ValueError):
-    """A configuration value is missing or invalid."""
-
-
-def build_model(model_cfg: DictConfig, weights: str | None = None, init: bool = False) -> nn.Module:
-    """Instantiate ``model.net``; load ``weights`` (samsr or official CRM checkpoint) if given.
+def build_model(
+    model_cfg: DictConfig, weights: CheckpointSource | None = None, init: bool = False
+) -> nn.Module:
+    """Instantiate ``model.net``; load ``weights`` (samsr or official CRM checkpoint: a file, or
+    one already read) if given.
 
     ``model.net.pretrained`` is never loaded here (evaluation, the benchmark and every run that
     loads a checkpoint never touch ImageNet weights): :func:`load_pretrained` does that for
@@ -255,11 +255,16 @@ def build_sam_refiner(
 def build_eval_datasets(
     data_cfg: DictConfig, split: str, max_images: int | None = None
 ) -> dict[str, EvalDataset]:
-    """One BIG-layout dataset per coarse source of ``data.<split>``."""
+    """One BIG-layout dataset per coarse source of ``data.<split>``: its ``coarse_dirs``, or
+    when it names none, every folder of ``<split>_coarse/`` (:func:`find_coarse_sources`), else
+    the ``_seg.png`` files beside the images."""
     split_cfg = data_cfg.get(split)
     if split not in ("val", "test") or not split_cfg:
         raise ConfigError(f"data={data_cfg.get('name')} has no '{split}' split (use val or test)")
-    coarse_dirs = split_cfg.get("coarse_dirs") or {None: None}
+    coarse_dirs = split_cfg.get("coarse_dirs")
+    if not coarse_dirs:
+        coarse_dirs = find_coarse_sources(split_cfg.split_dir) or {None: None}
+        log.info("data.%s coarse sources: %s", split, ", ".join(map(str, coarse_dirs)))
     return {
         str(source or "seg"): EvalDataset(
             split_cfg.split_dir,

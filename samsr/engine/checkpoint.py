@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +158,39 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint file read once (:func:`load_checkpoint`), for the functions that accept a path
+    or this: the config and the weights then come from one read of the file."""
+
+    path: Path
+    content: Any
+
+    @classmethod
+    def read(cls, path: str | Path) -> LoadedCheckpoint:
+        """Reads ``path`` (CheckpointError if it is missing or not a checkpoint)."""
+        return cls(Path(path), load_checkpoint(path))
+
+    @property
+    def is_samsr(self) -> bool:
+        """Written by samsr (else: taken for the official CRM release)."""
+        return isinstance(self.content, dict) and self.content.get("format") == CKPT_FORMAT
+
+
+CheckpointSource = str | Path | LoadedCheckpoint
+"""A checkpoint file, or one already read."""
+
+
+def _read(source: CheckpointSource) -> LoadedCheckpoint:
+    return source if isinstance(source, LoadedCheckpoint) else LoadedCheckpoint.read(source)
+
+
 INPUT_CONV_KEY = "encoder.conv1.weight"  # CRM's first conv: its input channels grow in SAM-SR v2
 EXTRA_STATE_KEY = "_extra_state"  # nn.Module extra state (SAM-SR v3: variant and SAM type)
 
 
 def model_state_from_file(
-    path: str | Path,
+    source: CheckpointSource,
     model_name: str | None = None,
     init: bool = False,
     also: tuple[str, ...] = (),
@@ -170,15 +198,16 @@ def model_state_from_file(
     """Return a state dict for ``model`` from a samsr or an official CRM checkpoint.
 
     Args:
-        path: the checkpoint file.
+        source: the checkpoint file (or the file already read).
         model_name: the name of the model that will receive the weights (``cfg.model.name``);
             a samsr checkpoint of another variant is refused with a clear message.
         init: initialising a new model for training: a checkpoint of another variant is
             accepted (e.g. CRM weights for SAM-SR v2.1).
         also: other model names whose checkpoints fit (SAM-SR v1 runs CRM checkpoints).
     """
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
+    loaded = _read(source)
+    path, ckpt = loaded.path, loaded.content
+    if loaded.is_samsr:
         saved = ckpt.get("model_name")
         accepted = (model_name, *also)
         if not init and model_name is not None and saved is not None and saved not in accepted:
@@ -224,7 +253,7 @@ def expand_input_channels(state: dict[str, Any], target: dict[str, Any]) -> int:
 
 def load_model_weights(
     model: nn.Module,
-    path: str | Path,
+    source: CheckpointSource,
     model_name: str | None = None,
     init: bool = False,
     also: tuple[str, ...] = (),
@@ -235,7 +264,8 @@ def load_model_weights(
     a model with more input channels gets the extra input weights zero-filled
     (:func:`expand_input_channels`).
     """
-    state = dict(model_state_from_file(path, model_name, init=init, also=also))
+    loaded = _read(source)
+    state = dict(model_state_from_file(loaded, model_name, init=init, also=also))
     if init:
         target = model.state_dict()
         expand_input_channels(state, target)
@@ -245,7 +275,7 @@ def load_model_weights(
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as err:
         raise CheckpointError(
-            f"weights in {path} do not fit the configured model ({model_name}): {err}\n"
+            f"weights in {loaded.path} do not fit the configured model ({model_name}): {err}\n"
             "Check model.net.backbone / model variant against the run that wrote the checkpoint."
         ) from err
 

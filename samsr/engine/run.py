@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from samsr import distributed
@@ -32,7 +34,9 @@ from samsr.engine.builders import (
     to_container,
     train_settings,
 )
+from samsr.engine.checkpoint import LoadedCheckpoint
 from samsr.engine.evaluator import evaluate, format_results
+from samsr.engine.loading import resolve_model_config
 from samsr.engine.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -232,9 +236,13 @@ def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str,
     return {"run_dir": run_dir, "checkpoint": ckpt, "test": results}
 
 
-def run_eval(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+def run_eval(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate a checkpoint on ``data.<split>``; writes metrics.json and results.md. Under
-    ``torchrun`` the images are split over the ranks; rank 0 writes (``{}`` elsewhere)."""
+    ``torchrun`` the images are split over the ranks; rank 0 writes (``{}`` elsewhere).
+
+    The model is the checkpoint's own (its stored config); ``overrides`` (the command line) say
+    which model keys ``cfg`` sets explicitly, and those win, each difference logged (None: all
+    of ``cfg.model`` is explicit; see :func:`samsr.engine.loading.resolve_model_config`)."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError(
             "eval needs weights: pass ckpt_path=<run dir>/checkpoints/last.pt (from "
@@ -245,7 +253,13 @@ def run_eval(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         seed_everything(int(cfg.seed))
         _prepare_data(cfg.data, ctx)
         datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
-        model = build_model(cfg.model, weights=cfg.ckpt_path)
+        loaded = LoadedCheckpoint.read(cfg.ckpt_path)
+        model_cfg = resolve_model_config(loaded, cfg.model, overrides)
+        cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+        with open_dict(cfg):
+            cfg.model = model_cfg
+        model = build_model(cfg.model, weights=loaded)
+        del loaded
         out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
         results = evaluate_model(model, cfg, device, datasets, out_dir, ctx.is_main, dist=ctx)
         if ctx.is_main:

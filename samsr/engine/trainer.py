@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSettings:
-    """Loop settings (``configs/trainer``)."""
+    """Loop settings (``samsr/configs/trainer``)."""
 
     max_steps: int = 45705
     batch_size: int = 12  # the global batch: split over ranks and accumulation steps

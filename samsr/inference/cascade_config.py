@@ -18,7 +18,8 @@ class CascadeConfig:
     """Settings of the multi-scale cascade.
 
     The defaults are the reference protocol (every option off). Options only change *how much* is
-    computed, never the protocol itself; see ``configs/inference/*.yaml`` for measured presets.
+    computed, never the protocol itself; see ``samsr/configs/inference/*.yaml`` for measured
+    presets.
 
     Attributes:
         scales: resize factors of the padded input, in processing order; the last one's output is
