@@ -156,6 +156,24 @@ def test_refine_a_folder_reports_broken_pairs_and_skips_finished_ones(tiny_ckpt,
     assert (out / "a_refined.png").stat().st_mtime_ns != first
 
 
+def test_refine_with_sam_guidance_through_the_model_flags(tiny_ckpt, tmp_path):
+    """``--model samsr_v1`` over a CRM checkpoint runs SAM first (a tiny random SAM here, set
+    through ``--set`` as any model.sam key; ``--sam-checkpoint`` names a real one)."""
+    from conftest import SAM_TINY
+
+    image, coarse = _photo(np.random.default_rng(5), 64, 80)
+    write_image(tmp_path / "s_im.jpg", image)
+    write_mask(tmp_path / "s_seg.png", coarse)
+    args = [str(tmp_path / "s_im.jpg"), "--mask", str(tmp_path / "s_seg.png")]
+    args += ["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "out"), "--model", "samsr_v1"]
+    for override in SAM_TINY:
+        args += ["--set", override]
+    assert _refine(*args) == 0
+    assert read_mask(tmp_path / "out" / "s_refined.png").shape == (64, 80)
+    missing = ["--sam-checkpoint", str(tmp_path / "no_sam.pth"), "--out", str(tmp_path / "o2")]
+    assert _refine(*args[: -len(SAM_TINY) * 2], *missing) == 2  # SAM's file is checked up front
+
+
 def test_pairing_by_name_in_one_folder_or_two(tmp_path):
     one = tmp_path / "flat"
     one.mkdir()

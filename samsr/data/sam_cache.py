@@ -21,6 +21,7 @@ __all__ = [
     "MANIFEST_NAME",
     "absolute",
     "dataset_root_of",
+    "flatten_keys",
     "manifest_diffs",
     "map_name",
     "read_manifest",
@@ -109,11 +110,12 @@ def write_manifest(cache_dir: str | os.PathLike[str], manifest: Mapping[str, Any
     return path
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of nested mappings (an empty mapping is a leaf)."""
     if isinstance(data, Mapping) and data:
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: data}
 
@@ -136,8 +138,8 @@ def manifest_diffs(
         exact: also list fields the manifest has and ``expected`` lacks.
         ignore: top-level sections never compared (e.g. ``info``).
     """
-    have = _flatten(manifest)
-    wanted = _flatten({k: v for k, v in expected.items() if k not in ignore})
+    have = flatten_keys(manifest)
+    wanted = flatten_keys({k: v for k, v in expected.items() if k not in ignore})
     diffs = []
     for key, value in wanted.items():
         got = have.get(key, _MISSING)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from samsr.data.sam_cache import flatten_keys
 from samsr.device import resolve_device
 from samsr.engine.builders import build_model, build_refiner, build_sam_refiner
 from samsr.engine.checkpoint import CheckpointSource, LoadedCheckpoint
@@ -83,16 +83,6 @@ def model_overrides(overrides: Sequence[str]) -> tuple[str | None, list[str], li
     return group, keys, deleted, whole
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of every leaf of a (plain) config tree."""
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def resolve_model_config(
     source: CheckpointSource, requested: DictConfig, overrides: Sequence[str] | None = None
 ) -> DictConfig:
@@ -138,8 +128,8 @@ def resolve_model_config(
 
 
 def _warn_differences(stored: DictConfig, resolved: DictConfig, path: Path) -> None:
-    old = _leaves(OmegaConf.to_container(stored, resolve=True))
-    new = _leaves(OmegaConf.to_container(resolved, resolve=True))
+    old = flatten_keys(OmegaConf.to_container(stored, resolve=True))
+    new = flatten_keys(OmegaConf.to_container(resolved, resolve=True))
     for key in sorted(set(old) & set(new)):
         if old[key] != new[key]:
             log.warning(
