@@ -84,7 +84,10 @@ def model_overrides(overrides: Sequence[str]) -> tuple[str | None, list[str], li
 
 
 def resolve_model_config(
-    source: CheckpointSource, requested: DictConfig, overrides: Sequence[str] | None = None
+    source: CheckpointSource,
+    requested: DictConfig,
+    overrides: Sequence[str] | None = None,
+    stored: DictConfig | None = None,
 ) -> DictConfig:
     """The model config to build for the weights in ``source``.
 
@@ -97,12 +100,13 @@ def resolve_model_config(
             and, after ``model=<another model>`` or ``experiment=...``, all of ``requested``
             (after ``model=``, the network settings stay the checkpoint's when both configs build
             the same network, e.g. SAM-SR v1 over a CRM checkpoint).
+        stored: ``checkpoint_model_config(source)`` when the caller already has it.
 
     Returns:
         The resolved config. Each key whose value then differs from the checkpoint's is logged
         as a warning (the given value wins).
     """
-    stored = checkpoint_model_config(source)
+    stored = checkpoint_model_config(source) if stored is None else stored
     requested = _concrete(requested)
     if overrides is None:
         resolved = requested.copy()
@@ -164,9 +168,10 @@ def load_refiner(
     loaded = LoadedCheckpoint.read(path)
     # composed for the checkpoint's own model unless told otherwise, so that its keys (e.g.
     # model.sam.checkpoint) can be overridden
-    own = [] if model_overrides(overrides)[0] else [f"model={checkpoint_model_config(loaded).name}"]
+    stored = checkpoint_model_config(loaded)
+    own = [] if model_overrides(overrides)[0] else [f"model={stored.name}"]
     cfg = compose("eval", [*own, f"inference={preset}", *overrides])
-    model_cfg = resolve_model_config(loaded, cfg.model, overrides)
+    model_cfg = resolve_model_config(loaded, cfg.model, overrides, stored=stored)
     torch_device = resolve_device(device)
     model = build_model(model_cfg, weights=loaded)
     del loaded  # the weights are in the model now

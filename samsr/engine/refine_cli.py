@@ -174,15 +174,15 @@ class _Inputs:
         return resize_mask(coarse, (h, w))
 
 
-def _write(kind: str, path: Path, image, coarse, refined, cut: int, width: int) -> None:
+def _write(kind: str, path: Path, image, coarse, refined, binary, width: int) -> None:
     from samsr.visualize import overlay, side_by_side
 
     if kind == "mask":
         write_mask(path, refined)
     elif kind == "binary":
-        write_mask(path, np.where(refined > cut, np.uint8(255), np.uint8(0)))
+        write_mask(path, binary)
     elif kind == "overlay":
-        write_image(path, overlay(image, np.where(refined > cut, np.uint8(255), np.uint8(0))))
+        write_image(path, overlay(image, binary))
     else:
         write_image(path, side_by_side(image, coarse, refined, width))
 
@@ -295,9 +295,10 @@ def _refine_one(
         refined = refiner(image, coarse)
     peak = peak_memory_bytes(device) / 2**30
     outputs = {}
+    binary = np.where(refined > cut, np.uint8(255), np.uint8(0))
     for kind in saves:
         path = out / OUTPUTS[kind].format(job.name)
-        _write(kind, path, image, coarse, refined, cut, width)
+        _write(kind, path, image, coarse, refined, binary, width)
         outputs[kind] = str(path)
     return {
         "image": str(job.image),
