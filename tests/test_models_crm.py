@@ -242,6 +242,22 @@ def test_crm_encode_decode_matches_forward(tiny_crm: CRM) -> None:
         assert torch.equal(logits.view(1, 1, 35, 50), tiny_crm(image, coarse)["logits"])
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_windowed_training_forward_equals_those_pixels_of_the_full_one(residual: bool) -> None:
+    torch.manual_seed(0)
+    model = build_crm("resnet18", residual=residual, decoder_factorized=True).eval()
+    image, coarse = torch.rand(3, 3, 40, 56), _mask("box", 3, 40, 56)
+    corners = torch.tensor([[0, 0], [7, 30], [16, 13]])
+    with torch.no_grad():
+        full = model(image, coarse)["logits"]
+        part = model(image, coarse, windows=corners, window_size=(24, 26))["logits"]
+    assert part.shape == (3, 1, 24, 26)
+    for i, (y, x) in enumerate(corners.tolist()):
+        torch.testing.assert_close(part[i], full[i, :, y : y + 24, x : x + 26], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(image, coarse, windows=torch.tensor([[17, 0]] * 3), window_size=(24, 26))
+
+
 def test_normalize_inputs_reference_convention(tiny_crm: CRM) -> None:
     image = torch.full((1, 3, 2, 2), 0.5)
     coarse = torch.tensor([[[[0.0, 1.0], [0.5, 1.0]]]])

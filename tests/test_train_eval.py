@@ -84,8 +84,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
-def test_train_two_steps_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("window", [0, 24])
+def test_train_two_steps_then_resume_matches_uninterrupted(tiny_cfg, tmp_path, window):
     common = ["trainer.ckpt_every=2", "trainer.val_every=0", "test_after_training=false"]
+    common.append(f"trainer.decode_window={window}")  # 24: random decode windows, also resumed
     straight = run_train(tiny_cfg("train", [*common, "trainer.max_steps=4"]))
     assert straight["checkpoint"].is_file()
 
@@ -105,6 +107,22 @@ def test_train_two_steps_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
     init = build_model(tiny_cfg("train").model).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())
     assert list((part["run_dir"] / "tensorboard").iterdir())
+
+
+def test_decode_window_trains_on_windows_and_refuses_one_larger_than_the_crops(tiny_cfg, tmp_path):
+    common = ["trainer.max_steps=1", "trainer.val_every=0", "test_after_training=false"]
+    runs = {
+        w: run_train(
+            tiny_cfg(
+                "train", [*common, f"trainer.decode_window={w}", f"paths.output_dir={tmp_path}/{w}"]
+            )
+        )
+        for w in (0, 24)
+    }
+    a, b = _weights(runs[0]["checkpoint"]), _weights(runs[24]["checkpoint"])
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    with pytest.raises(ValueError, match="decode_window=64 exceeds the 48x48"):
+        run_train(tiny_cfg("train", [*common, "trainer.decode_window=64"]))
 
 
 def test_train_then_eval_writes_reports_for_each_source(tiny_cfg, tmp_path):

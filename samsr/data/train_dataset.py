@@ -65,6 +65,8 @@ class RefinementTrainDataset(Dataset):
             of the reference perturbation (:func:`~samsr.data.coarse_synthesis.synthesize_coarse`:
             region errors at an IoU in ``iou_range``).
         lowres_factors: (min, max) resolution factor of those segmentors.
+        lowres_thresholds: (min, max) threshold (0..255) at which their upsampled maps are
+            binarised: how far they over- or under-segment.
         seed: See above.
         strict: Unmatched files raise (True) or are skipped with a warning (False).
         photometric: Apply colour jitter and random grayscale.
@@ -90,6 +92,7 @@ class RefinementTrainDataset(Dataset):
         iou_range: tuple[float, float] = (0.8, 1.0),
         lowres_prob: float = 0.0,
         lowres_factors: tuple[float, float] = (4.0, 32.0),
+        lowres_thresholds: tuple[float, float] = (64.0, 192.0),
         seed: int | None = None,
         strict: bool = True,
         photometric: bool = True,
@@ -110,6 +113,12 @@ class RefinementTrainDataset(Dataset):
             raise DataError(f"lowres_prob must be in [0, 1], got {lowres_prob}.")
         self.lowres_prob = float(lowres_prob)
         self.lowres_factors = (float(lowres_factors[0]), float(lowres_factors[1]))
+        lo, hi = (float(t) for t in lowres_thresholds)
+        if not 0.0 <= lo <= hi <= 255.0:
+            raise DataError(
+                f"lowres_thresholds must satisfy 0 <= min <= max <= 255, got {lowres_thresholds}."
+            )
+        self.lowres_thresholds = (lo, hi)
         self.seed = seed
         self.photometric = photometric
         self.flip_prob = flip_prob
@@ -165,7 +174,7 @@ class RefinementTrainDataset(Dataset):
         image = geometry.apply(image)
         gt = geometry.apply(gt)
         if self.lowres_prob and rng.random() < self.lowres_prob:
-            coarse = lowres_coarse(gt, rng, self.lowres_factors)
+            coarse = lowres_coarse(gt, rng, self.lowres_factors, self.lowres_thresholds)
         else:
             coarse = synthesize_coarse(gt, rng, self.iou_range, max_rounds=self.max_rounds)
         image_f = image.astype(np.float32) / 255.0

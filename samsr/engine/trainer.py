@@ -47,6 +47,9 @@ class TrainSettings:
     cudnn_benchmark: bool = True
     tf32: bool = True
     grad_clip: float | None = None
+    # > 0 (not in the reference): the loss sees one random decode_window x decode_window window
+    # of each crop, the only pixels decoded (the encoder still sees the whole crop)
+    decode_window: int = 0
     log_every: int = 20
     image_every: int = 500
     ckpt_every: int = 1000
@@ -61,6 +64,8 @@ class TrainSettings:
             )
         if self.num_workers < 0:
             raise ValueError("trainer.num_workers must be >= 0")
+        if self.decode_window < 0:
+            raise ValueError("trainer.decode_window must be >= 0 (0 decodes every pixel)")
         for name in ("log_every", "image_every", "ckpt_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0 (0 disables)")
@@ -104,6 +109,14 @@ def loss_values(
         dist.all_reduce(stacked)
         stacked = stacked / ctx.world_size
     return dict(zip(losses, stacked.tolist()))
+
+
+def crop_windows(t: torch.Tensor, corners: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x C x wh x ww: sample i's window at ``corners[i]`` (row, col) of B x C x H x W ``t``."""
+    wh, ww = size
+    return torch.stack(
+        [t[i, :, y : y + wh, x : x + ww] for i, (y, x) in enumerate(corners.tolist())]
+    )
 
 
 class Trainer:
@@ -299,7 +312,9 @@ class Trainer:
                 yield group
                 group = []
 
-    def _forward(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _forward(
+        self, batch: dict[str, Any], micro_index: int = 0
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         image = batch["image"].to(self.device, non_blocking=True)
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
@@ -308,14 +323,39 @@ class Trainer:
             args.append(self.guidance(image, coarse))
         elif batch.get("extra") is not None:
             args.append(batch["extra"].to(self.device, non_blocking=True))
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if batch.get("sam_tokens") is not None:  # SAM-SR v3, cached training scheme
             kwargs["sam_tokens"] = batch["sam_tokens"].to(self.device, non_blocking=True)
+        corners = self._decode_windows(gt, micro_index)
+        if corners is not None:
+            size = (self.settings.decode_window,) * 2
+            kwargs.update(windows=corners, window_size=size)
+            image, coarse, gt = (crop_windows(t, corners, size) for t in (image, coarse, gt))
         with autocast(self.device, self.settings.amp_dtype):
             out = self.net(*args, **kwargs)
         losses = self.loss_fn(out["logits"].float(), gt)
         self._last_images = (image, coarse, gt, out["logits"].detach())
         return out, losses
+
+    def _decode_windows(self, gt: torch.Tensor, micro_index: int) -> torch.Tensor | None:
+        """B x 2 top-left corners of this micro-batch's decode windows (None: every pixel).
+
+        Drawn from a generator seeded by (run seed, step, rank, micro-batch), so a resumed run
+        draws the same windows."""
+        side = self.settings.decode_window
+        b, _, h, w = gt.shape
+        if side <= 0 or side == h == w:
+            return None
+        if side > min(h, w):
+            raise ValueError(
+                f"trainer.decode_window={side} exceeds the {h}x{w} training crops: set it to "
+                f"at most {min(h, w)} (or 0: every pixel)."
+            )
+        seed = (self.stream.seed, self.step, self.dist.rank, micro_index)
+        gen = torch.Generator().manual_seed(hash(seed) & 0x7FFFFFFFFFFFFFFF)
+        ys = torch.randint(0, h - side + 1, (b,), generator=gen)
+        xs = torch.randint(0, w - side + 1, (b,), generator=gen)
+        return torch.stack((ys, xs), dim=1).to(gt.device)
 
     def train_step(
         self, batches: dict[str, Any] | Sequence[dict[str, Any]]
@@ -336,7 +376,7 @@ class Trainer:
             last = i == len(micro) - 1
             no_sync = getattr(self.net, "no_sync", None)
             with nullcontext() if last or no_sync is None else no_sync():
-                _, losses = self._forward(batch)
+                _, losses = self._forward(batch, i)
                 self.scaler.scale(losses["total"] / len(micro)).backward()
             for k, v in losses.items():  # dividing by 1 is exact: one pass is unchanged
                 terms[k] = terms.get(k, 0) + v.detach() / len(micro)

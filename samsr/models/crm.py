@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samsr.models.components.fusion import Fusion
-from samsr.models.components.implicit_decoder import ImplicitDecoder, query_grid
+from samsr.models.components.implicit_decoder import ImplicitDecoder, query_grid, query_windows
 from samsr.models.components.resnet_encoder import ResNetEncoder
 
 __all__ = ["CRM", "IMAGENET_MEAN", "IMAGENET_STD", "build_crm"]
@@ -207,25 +207,48 @@ class CRM(nn.Module):
         return self.decoder(feat, coords, cell, prepared=prepared, window=window)
 
     def forward(
-        self, image: Tensor, coarse: Tensor, extra: Tensor | None = None
+        self,
+        image: Tensor,
+        coarse: Tensor,
+        extra: Tensor | None = None,
+        windows: Tensor | None = None,
+        window_size: tuple[int, int] | None = None,
     ) -> dict[str, Tensor]:
-        """Training forward: one scale, every pixel of the input grid queried.
+        """Training forward: one scale, every pixel of the input grid queried (or, with
+        ``windows``, only the pixels of one window per sample).
 
         Args:
             image: B x 3 x H x W RGB in [0, 1].
             coarse: B x 1 x H x W mask in [0, 1].
             extra: optional B x E x H x W extra channels.
+            windows: optional B x 2 int64 (row, col) top-left corners of the decoded windows
+                (the encoder still sees the whole input).
+            window_size: (wh, ww) of those windows.
 
         Returns:
-            ``{"logits": B x 1 x H x W}``.
+            ``{"logits": B x 1 x H x W}`` (B x 1 x wh x ww with ``windows``: equal to those
+            pixels of the full output).
         """
-        return {"logits": self.decode_grid(self.encode(image, coarse, extra), image.shape)}
+        feat = self.encode(image, coarse, extra)
+        return {"logits": self.decode_grid(feat, image.shape, windows, window_size)}
 
-    def decode_grid(self, feat: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        """Logits of every pixel of a B x C x H x W input ``shape`` (B x 1 x H x W)."""
+    def decode_grid(
+        self,
+        feat: Tensor,
+        shape: torch.Size | tuple[int, ...],
+        windows: Tensor | None = None,
+        window_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Logits of every pixel of a B x C x H x W input ``shape`` (B x 1 x H x W), or of one
+        ``window_size`` window per sample at ``windows`` (B x 2 corners; B x 1 x wh x ww)."""
         b, _, h, w = shape
-        coords, cell = query_grid(h, w, b, device=feat.device)
-        return self.decode(feat, coords, cell).view(b, 1, h, w)
+        if windows is None:
+            coords, cell = query_grid(h, w, b, device=feat.device)
+            return self.decode(feat, coords, cell).view(b, 1, h, w)
+        if window_size is None:
+            raise ValueError("windows needs window_size=(rows, cols).")
+        coords, cell = query_windows(h, w, windows.to(feat.device), window_size)
+        return self.decode(feat, coords, cell).view(b, 1, *window_size)
 
 
 def build_crm(

@@ -253,10 +253,12 @@ class SamCRM(CRM):
         coarse: Tensor,
         extra: Tensor | None = None,
         sam_tokens: Tensor | None = None,
+        windows: Tensor | None = None,
+        window_size: tuple[int, int] | None = None,
     ) -> dict[str, Tensor]:
         """Training forward (see :meth:`CRM.forward`); ``sam_tokens`` as in :meth:`encode`."""
         feat = self.encode(image, coarse, extra, sam_tokens)
-        return {"logits": self.decode_grid(feat, image.shape)}
+        return {"logits": self.decode_grid(feat, image.shape, windows, window_size)}
 
     def _require(self, guide: Guide | None) -> Guide:
         if guide is None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ImplicitDecoder", "make_coord", "query_grid"]
+__all__ = ["ImplicitDecoder", "make_coord", "query_grid", "query_windows"]
 
 _EPS_SHIFT = 1e-6  # ref eps_shift
 _CLAMP = 1e-6  # ref coord_.clamp_(-1 + 1e-6, 1 - 1e-6)
@@ -91,6 +91,41 @@ def query_grid(
     coords = make_coord((h, w), device=device).unsqueeze(0).expand(batch, h * w, 2)
     cell = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=device)
     return coords, cell.expand(batch, h * w, 2)
+
+
+def query_windows(h: int, w: int, corners: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Queries for one window per sample of an h x w grid: the same coordinates and cell as
+    :func:`query_grid`'s pixels there, so decoding them gives those pixels' logits.
+
+    Args:
+        h: grid height.
+        w: grid width.
+        corners: B x 2 int64 (row, col) of each window's top-left pixel.
+        size: (wh, ww) window size, the same for every sample.
+
+    Returns:
+        (coords, cell), both B x (wh*ww) x 2 float32, row-major within each window.
+    """
+    wh, ww = size
+    if corners.dim() != 2 or corners.shape[1] != 2:
+        raise ValueError(f"corners must be B x 2 (row, col), got {tuple(corners.shape)}.")
+    if (
+        bool((corners < 0).any())
+        or bool((corners[:, 0] + wh > h).any())
+        or bool((corners[:, 1] + ww > w).any())
+    ):
+        raise ValueError(f"{wh}x{ww} windows at {corners.tolist()} do not fit a {h}x{w} grid.")
+    dev = corners.device
+    rows = corners[:, :1] + torch.arange(wh, device=dev)  # B x wh
+    cols = corners[:, 1:] + torch.arange(ww, device=dev)  # B x ww
+    ys = coord_seq(h, device=dev)[rows]
+    xs = coord_seq(w, device=dev)[cols]
+    b = corners.shape[0]
+    coords = torch.stack(
+        (ys[:, :, None].expand(b, wh, ww), xs[:, None, :].expand(b, wh, ww)), dim=-1
+    ).reshape(b, wh * ww, 2)
+    cell = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=dev)
+    return coords, cell.expand(b, wh * ww, 2)
 
 
 def _scale_yx(t: Tensor, h: int, w: int) -> Tensor:
