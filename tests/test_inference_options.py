@@ -315,11 +315,12 @@ def test_timed_runs_never_synchronise_per_stage(model: CRM, monkeypatch) -> None
     torch.testing.assert_close(again, plain, atol=0, rtol=0)  # the same computation
 
 
-def test_residual_model_tiles_and_decodes_regions_like_untiled() -> None:
+@pytest.mark.parametrize("prior", ["cell", "pixel"])
+def test_residual_model_tiles_and_decodes_regions_like_untiled(prior: str) -> None:
     from samsr.models import build_crm
 
     torch.manual_seed(0)
-    model = build_crm("resnet18", residual=True).eval()
+    model = build_crm("resnet18", residual=True, residual_prior=prior).eval()
     with torch.no_grad():
         model.decoder.mlp[-1].weight.normal_(std=0.1)  # a trained-looking correction
     image, coarse = _inputs(150, 131)
@@ -328,3 +329,20 @@ def test_residual_model_tiles_and_decodes_regions_like_untiled() -> None:
     assert (tiled - ref).abs().max().item() < 1e-5
     bbox = refine(model, image, coarse, CascadeConfig(region="bbox"))
     assert bbox.shape == ref.shape and bool(torch.isfinite(bbox).all())
+    strided = refine(model, image, coarse, CascadeConfig(stride=4))
+    assert strided.shape == ref.shape and bool(torch.isfinite(strided).all())
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [CascadeConfig(), CascadeConfig(tile=64, tile_halo=128), CascadeConfig(region="bbox")],
+    ids=["faithful", "tiled", "bbox"],
+)
+def test_untrained_pixel_prior_model_returns_the_coarse_mask_through_the_cascade(cfg) -> None:
+    from samsr.models import build_crm
+
+    torch.manual_seed(0)
+    model = build_crm("resnet18", residual=True, residual_prior="pixel").eval()
+    image, coarse = _inputs(150, 131)
+    out = refine(model, image, coarse, cfg)
+    assert torch.equal(out >= 0.5, coarse >= 0.5)

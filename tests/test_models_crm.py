@@ -242,10 +242,17 @@ def test_crm_encode_decode_matches_forward(tiny_crm: CRM) -> None:
         assert torch.equal(logits.view(1, 1, 35, 50), tiny_crm(image, coarse)["logits"])
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_windowed_training_forward_equals_those_pixels_of_the_full_one(residual: bool) -> None:
+@pytest.mark.parametrize("residual,prior", [(False, "cell"), (True, "cell"), (True, "pixel")])
+def test_windowed_training_forward_equals_those_pixels_of_the_full_one(
+    residual: bool, prior: str
+) -> None:
     torch.manual_seed(0)
-    model = build_crm("resnet18", residual=residual, decoder_factorized=True).eval()
+    model = build_crm(
+        "resnet18", residual=residual, residual_prior=prior, decoder_factorized=True
+    ).eval()
+    if residual:
+        with torch.no_grad():
+            model.decoder.mlp[-1].weight.normal_(std=0.1)
     image, coarse = torch.rand(3, 3, 40, 56), _mask("box", 3, 40, 56)
     corners = torch.tensor([[0, 0], [7, 30], [16, 13]])
     with torch.no_grad():
@@ -334,6 +341,21 @@ def test_residual_crm_starts_as_the_pooled_input_mask() -> None:
     torch.testing.assert_close(logits[inner], expected[inner], atol=1e-4, rtol=0)
     # identity start: inside/outside the box the refined mask is the coarse one
     assert bool(((torch.sigmoid(logits) > 0.5) == (coarse > 0.5))[inner].float().mean() > 0.97)
+
+
+def test_pixel_prior_crm_starts_as_exactly_the_input_mask() -> None:
+    torch.manual_seed(0)
+    model = build_crm("resnet18", residual=True, residual_prior="pixel").eval()
+    assert model.decoder.in_channels == 256  # no prior channel in the feature map
+    image = torch.rand(2, 3, 48, 40)
+    coarse = _mask("box", 2, 48, 40)
+    coarse[0, 0, 5, 7] = 0.3  # soft values pass through too
+    with torch.no_grad():
+        logits = model(image, coarse)["logits"]
+    torch.testing.assert_close(logits, 5.0 * (coarse * 2 - 1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="needs prior="):
+        feat = model.encode(image, coarse)
+        model.decode(feat, *query_grid(48, 40, 2))
 
 
 def test_residual_crm_learns_a_correction_and_keeps_the_reference_default() -> None:

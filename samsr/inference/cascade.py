@@ -303,16 +303,17 @@ def _refine(
         feat = encode_at_scale(
             model, static, mask, size, cfg.fusion_patch, cfg.channels_last, guide
         )
+        prior = mask if model.decoder.pixel_prior else None  # the mask at full resolution
         del mask
         t1 = tick()
         if sparse:
-            decode = PixelDecoder(model, feat, (hp, wp), cfg.chunk_size)
+            decode = PixelDecoder(model, feat, (hp, wp), cfg.chunk_size, prior=prior)
             n = _fill(decode, prob[0, 0], region, cfg)
             del decode
         else:
-            prob = decode_full(model, feat, (hp, wp), cfg.chunk_size, out=prob)
+            prob = decode_full(model, feat, (hp, wp), cfg.chunk_size, out=prob, prior=prior)
             n = hp * wp
-        del feat
+        del feat, prior
         t2 = tick()
         add("encode", t1 - t0)
         add("decode", t2 - t1)
@@ -363,6 +364,7 @@ def _refine_tiles(
             cfg.chunk_size,
             window=(fy, fx, full_h, full_w),
             offset=(qy0, qx0),
+            prior=mask if model.decoder.pixel_prior else None,
         )
         del feat
         decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, cfg)

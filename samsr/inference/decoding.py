@@ -22,6 +22,7 @@ def decode_full(
     out_size: tuple[int, int],
     chunk_size: int,
     out: Tensor | None = None,
+    prior: Tensor | None = None,
 ) -> Tensor:
     """Decodes the probability of every pixel of an ``out_size`` grid, ``chunk_size`` at a time.
 
@@ -30,7 +31,9 @@ def decode_full(
         feat: 1 x C x h x w features.
         out_size: (H, W) of the query grid (the padded full resolution).
         chunk_size: queries per decoder call.
-        out: optional preallocated 1 x 1 x H x W float32 buffer to write into.
+        out: optional preallocated 1 x 1 x H x W float32 buffer to write into (it may be
+            ``prior``'s source: each chunk's prior is read before its pixels are written).
+        prior: 1 x 1 x H x W normalised mask ([-1, 1]) for a pixel-prior decoder, else None.
 
     Returns:
         1 x 1 x H x W probability (``out`` if given).
@@ -45,12 +48,14 @@ def decode_full(
     cell_value = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=device)  # ref cell
     total = h * w
     feat = model.decoder.prepare(feat)  # once per scale, not once per chunk
+    prior_flat = None if prior is None else prior.reshape(-1)
     for start in range(0, total, chunk_size):
         stop = min(start + chunk_size, total)
         index = torch.arange(start, stop, device=device)
         coords = torch.stack((ys[index // w], xs[index % w]), dim=-1).unsqueeze(0)
         cell = cell_value.expand(1, stop - start, 2)
-        logits = model.decode(feat, coords, cell, prepared=True)
+        chunk_prior = None if prior_flat is None else prior_flat[start:stop].unsqueeze(0)
+        logits = model.decode(feat, coords, cell, prepared=True, prior=chunk_prior)
         flat[start:stop] = torch.sigmoid(logits[0])  # ref pred_224 = sigmoid(ret)
     return out
 
@@ -65,6 +70,7 @@ class PixelDecoder:
         chunk_size: queries per decoder call.
         window: ``(y0, x0, full_h, full_w)`` if ``feat`` is a window of the full feature map.
         offset: (row, col) added to the pixel indices passed to :meth:`__call__`.
+        prior: 1 x 1 x Hp x Wp normalised mask ([-1, 1]) for a pixel-prior decoder, else None.
     """
 
     def __init__(
@@ -75,8 +81,10 @@ class PixelDecoder:
         chunk_size: int,
         window: tuple[int, int, int, int] | None = None,
         offset: tuple[int, int] = (0, 0),
+        prior: Tensor | None = None,
     ) -> None:
         self.model = model
+        self.prior = None if prior is None else prior[0, 0]
         self.feat = model.decoder.prepare(feat).contiguous()  # once, not once per chunk
         h, w = grid_size
         dev = feat.device
@@ -95,10 +103,12 @@ class PixelDecoder:
         oy, ox = self.offset
         for s in range(0, n, self.chunk_size):
             e = min(s + self.chunk_size, n)
-            coords = torch.stack((self.ys[ys[s:e] + oy], self.xs[xs[s:e] + ox]), dim=-1)
+            rows, cols = ys[s:e] + oy, xs[s:e] + ox
+            coords = torch.stack((self.ys[rows], self.xs[cols]), dim=-1)
             cell = self.cell.expand(1, e - s, 2)
+            prior = None if self.prior is None else self.prior[rows, cols].unsqueeze(0)
             logits = self.model.decode(
-                self.feat, coords.unsqueeze(0), cell, prepared=True, window=self.window
+                self.feat, coords.unsqueeze(0), cell, prepared=True, window=self.window, prior=prior
             )
             out[s:e] = torch.sigmoid(logits[0])
         self.count += n

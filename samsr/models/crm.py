@@ -126,7 +126,7 @@ class CRM(nn.Module):
     def _with_prior(self, feat: Tensor, x: Tensor) -> Tensor:
         """``feat`` plus, for a residual decoder, the input's mask channel average-pooled over
         2 x 2 pixels (an odd last row/column is repeated), one value per feature cell."""
-        if not self.decoder.residual:
+        if not self.decoder.cell_prior:
             return feat
         mask = x[:, MASK_CHANNEL : MASK_CHANNEL + 1].float()
         pad = (0, mask.shape[-1] % 2, 0, mask.shape[-2] % 2)
@@ -189,6 +189,7 @@ class CRM(nn.Module):
         cell: Tensor,
         prepared: bool = False,
         window: tuple[int, int, int, int] | None = None,
+        prior: Tensor | None = None,
     ) -> Tensor:
         """Decodes logits at query coordinates.
 
@@ -200,11 +201,13 @@ class CRM(nn.Module):
             prepared: see ``feat``.
             window: ``(y0, x0, full_h, full_w)`` when ``feat`` is a window of the full map
                 (tiled inference; see :class:`ImplicitDecoder`).
+            prior: B x N normalised mask values ([-1, 1]) at the queries, for a decoder with a
+                pixel prior (``decoder.pixel_prior``); None otherwise.
 
         Returns:
             B x N logits.
         """
-        return self.decoder(feat, coords, cell, prepared=prepared, window=window)
+        return self.decoder(feat, coords, cell, prepared=prepared, window=window, prior=prior)
 
     def forward(
         self,
@@ -230,25 +233,35 @@ class CRM(nn.Module):
             pixels of the full output).
         """
         feat = self.encode(image, coarse, extra)
-        return {"logits": self.decode_grid(feat, image.shape, windows, window_size)}
+        return {"logits": self.decode_grid(feat, coarse, windows, window_size)}
 
     def decode_grid(
         self,
         feat: Tensor,
-        shape: torch.Size | tuple[int, ...],
+        coarse: Tensor,
         windows: Tensor | None = None,
         window_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Logits of every pixel of a B x C x H x W input ``shape`` (B x 1 x H x W), or of one
-        ``window_size`` window per sample at ``windows`` (B x 2 corners; B x 1 x wh x ww)."""
-        b, _, h, w = shape
+        """Logits of every pixel of the B x 1 x H x W input mask ``coarse`` ([0, 1]; its values
+        are a pixel-prior decoder's prior) as B x 1 x H x W, or of one ``window_size`` window
+        per sample at ``windows`` (B x 2 corners) as B x 1 x wh x ww."""
+        b, _, h, w = coarse.shape
+        prior = (coarse.float() - 0.5) / 0.5 if self.decoder.pixel_prior else None
         if windows is None:
             coords, cell = query_grid(h, w, b, device=feat.device)
-            return self.decode(feat, coords, cell).view(b, 1, h, w)
+            flat = None if prior is None else prior.reshape(b, -1)
+            return self.decode(feat, coords, cell, prior=flat).view(b, 1, h, w)
         if window_size is None:
             raise ValueError("windows needs window_size=(rows, cols).")
-        coords, cell = query_windows(h, w, windows.to(feat.device), window_size)
-        return self.decode(feat, coords, cell).view(b, 1, *window_size)
+        windows = windows.to(feat.device)
+        coords, cell = query_windows(h, w, windows, window_size)
+        flat = None
+        if prior is not None:
+            wh, ww = window_size
+            flat = torch.stack(
+                [prior[i, 0, y : y + wh, x : x + ww] for i, (y, x) in enumerate(windows.tolist())]
+            ).reshape(b, -1)
+        return self.decode(feat, coords, cell, prior=flat).view(b, 1, *window_size)
 
 
 def build_crm(
@@ -259,6 +272,7 @@ def build_crm(
     dropout: float = 0.5,
     decoder_factorized: bool = False,
     residual: bool = False,
+    residual_prior: str = "cell",
 ) -> CRM:
     """Builds CRM from plain values.
 
@@ -273,6 +287,8 @@ def build_crm(
             and parameters, faster; see :class:`ImplicitDecoder`); False is the reference.
         residual: predict a correction of the input mask's logit, starting as the identity
             (not in the reference; see :class:`ImplicitDecoder`); False is the reference.
+        residual_prior: ``"cell"`` (the mask pooled to the feature grid) or ``"pixel"`` (the
+            mask's value at each decoded pixel: the untrained model is exactly the identity).
 
     Returns:
         The model (train mode).
@@ -288,5 +304,6 @@ def build_crm(
         hidden=tuple(decoder_hidden),
         factorized=decoder_factorized,
         residual=residual,
+        prior=residual_prior,
     )
     return CRM(encoder, fusion, decoder, in_channels=in_channels)

@@ -258,7 +258,7 @@ class SamCRM(CRM):
     ) -> dict[str, Tensor]:
         """Training forward (see :meth:`CRM.forward`); ``sam_tokens`` as in :meth:`encode`."""
         feat = self.encode(image, coarse, extra, sam_tokens)
-        return {"logits": self.decode_grid(feat, image.shape, windows, window_size)}
+        return {"logits": self.decode_grid(feat, coarse, windows, window_size)}
 
     def _require(self, guide: Guide | None) -> Guide:
         if guide is None:

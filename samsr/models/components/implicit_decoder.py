@@ -201,6 +201,11 @@ class ImplicitDecoder(nn.Module):
             features and ``prior_scale * prior`` is added to the MLP's logit, so the MLP predicts
             a correction of the prior. The MLP's last layer starts at zero: an untrained model
             returns the prior's logit (the coarse mask, smoothed at stride 2).
+        prior: where a residual decoder's prior comes from: ``"cell"`` (the feature map's last
+            channel, read with the ensemble: the mask smoothed at stride 2, see above) or
+            ``"pixel"`` (the input mask's value at each query pixel, passed to :meth:`forward`
+            as ``prior``; the feature map carries no prior channel): the untrained model then
+            returns the mask exactly, pixel for pixel.
         prior_scale: initial value of the learnt scale (5: a prior of +-1 gives p = 0.993/0.007).
     """
 
@@ -210,11 +215,15 @@ class ImplicitDecoder(nn.Module):
         hidden: Sequence[int] = (32, 32, 32, 32),
         factorized: bool = False,
         residual: bool = False,
+        prior: str = "cell",
         prior_scale: float = 5.0,
     ) -> None:
         super().__init__()
+        if prior not in ("cell", "pixel"):
+            raise ValueError(f"prior must be 'cell' or 'pixel', got {prior!r}.")
         self.factorized = factorized
         self.residual = residual
+        self.prior = prior
         layers: list[nn.Module] = []
         last = feat_dim + 6  # feature, rel_coord, coord, rel_cell (ref MLP in_dim=256+6)
         for width in hidden:
@@ -230,8 +239,18 @@ class ImplicitDecoder(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        """Channels of the feature map it reads: the features, plus the prior if residual."""
-        return self.feat_dim + int(self.residual)
+        """Channels of the feature map it reads: the features, plus a cell prior's channel."""
+        return self.feat_dim + int(self.cell_prior)
+
+    @property
+    def cell_prior(self) -> bool:
+        """A residual decoder reading its prior from the feature map's last channel."""
+        return self.residual and self.prior == "cell"
+
+    @property
+    def pixel_prior(self) -> bool:
+        """A residual decoder whose prior is given per query (``forward(prior=...)``)."""
+        return self.residual and self.prior == "pixel"
 
     def prepare(self, feat: Tensor) -> Tensor:
         """The map the queries read: ``feat`` itself, or its first-layer projection if factorized.
@@ -253,7 +272,9 @@ class ImplicitDecoder(nn.Module):
         first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
         proj = F.conv2d(feat[:, : self.feat_dim], first.weight[:, : self.feat_dim, None, None])
         return (
-            torch.cat([proj, feat[:, self.feat_dim :].to(proj.dtype)], 1) if self.residual else proj
+            torch.cat([proj, feat[:, self.feat_dim :].to(proj.dtype)], 1)
+            if self.cell_prior
+            else proj
         )
 
     def forward(
@@ -263,6 +284,7 @@ class ImplicitDecoder(nn.Module):
         cell: Tensor,
         prepared: bool = False,
         window: tuple[int, int, int, int] | None = None,
+        prior: Tensor | None = None,
     ) -> Tensor:
         """Decodes logits at the query coordinates.
 
@@ -274,10 +296,18 @@ class ImplicitDecoder(nn.Module):
             window: ``(y0, x0, full_h, full_w)`` if ``feat`` holds only the rows ``y0 ...`` and
                 columns ``x0 ...`` of a ``full_h x full_w`` map (tiled inference); coordinates
                 refer to the full map, and every query's 4 cells must lie inside ``feat``.
+            prior: B x N input-mask values in [-1, 1] at the queries (a ``"pixel"`` prior
+                decoder needs it; the others refuse it).
 
         Returns:
             B x N logits.
         """
+        if self.pixel_prior != (prior is not None):
+            raise ValueError(
+                "a residual decoder with prior='pixel' needs prior= (the mask at each query)"
+                if self.pixel_prior
+                else "prior= is only for a residual decoder with prior='pixel'"
+            )
         if not prepared:
             feat = self.prepare(feat)
         b, _, th, tw = feat.shape
@@ -318,7 +348,7 @@ class ImplicitDecoder(nn.Module):
                     q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
                 else:
                     q_feat = _gather(feat, _window_index(iy, ix, y0, x0, th, tw))
-                if self.residual:  # the prior travels as the last channel
+                if self.cell_prior:  # the prior travels as the last channel
                     priors.append(q_feat[..., -1])
                     q_feat = q_feat[..., :-1]
                 q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
@@ -339,7 +369,8 @@ class ImplicitDecoder(nn.Module):
         ret = preds[0] * (weights[0] / tot_area)
         for pred, area in zip(preds[1:], weights[1:]):
             ret = ret + pred * (area / tot_area)
-        if self.residual:  # the prior, interpolated with the same weights
+        if self.cell_prior:  # the prior, interpolated with the same weights
             prior = sum(q.float() * (area / tot_area) for q, area in zip(priors, weights))
-            ret = ret + self.prior_scale * prior
+        if self.residual:
+            ret = ret + self.prior_scale * prior.float()
         return ret
