@@ -93,3 +93,29 @@ def test_duts_recipe_runs_and_the_loss_falls(tmp_path):
     loss = [e.value for e in events.Scalars("train/loss_total")]
     assert len(loss) == 30
     assert np.mean(loss[-10:]) < np.mean(loss[:5])
+
+
+def test_recipe_options_reach_the_model_dataset_and_trainer(tmp_path):
+    from conftest import compose_config
+
+    from samsr.engine.builders import build_model, build_train_dataset, train_settings
+
+    root = fake_duts(tmp_path / "duts")
+    cfg = compose_config(
+        "train",
+        ["experiment=duts_cpu", f"data.root={root}", "model.net.residual_prior=pixel",
+         "model.net.prior_scale=2.0", "data.train.lowres_thresholds=[96,160]",
+         "trainer.decode_window=112"],
+        tmp_path,
+    )  # fmt: skip
+    decoder = build_model(cfg.model).decoder
+    assert decoder.pixel_prior and float(decoder.prior_scale) == 2.0
+    assert build_train_dataset(cfg.data, cfg.model).lowres_thresholds == (96.0, 160.0)
+    assert train_settings(cfg.trainer).decode_window == 112
+    bad = compose_config(
+        "train",
+        ["experiment=duts_cpu", f"data.root={root}", "model.net.residual_prior=edge"],
+        tmp_path,
+    )
+    with pytest.raises(Exception, match="residual_prior must be cell or pixel, got 'edge'"):
+        build_model(bad.model)

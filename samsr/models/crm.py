@@ -273,6 +273,7 @@ def build_crm(
     decoder_factorized: bool = False,
     residual: bool = False,
     residual_prior: str = "cell",
+    prior_scale: float = 5.0,
 ) -> CRM:
     """Builds CRM from plain values.
 
@@ -289,10 +290,14 @@ def build_crm(
             (not in the reference; see :class:`ImplicitDecoder`); False is the reference.
         residual_prior: ``"cell"`` (the mask pooled to the feature grid) or ``"pixel"`` (the
             mask's value at each decoded pixel: the untrained model is exactly the identity).
+        prior_scale: initial value of the residual decoder's learnt prior scale (the logit of
+            a prior of +-1).
 
     Returns:
         The model (train mode).
     """
+    if residual_prior not in ("cell", "pixel"):
+        raise ValueError(f"model.net.residual_prior must be cell or pixel, got {residual_prior!r}.")
     if pretrained is False:
         pretrained = None
     elif pretrained is True:
@@ -305,5 +310,6 @@ def build_crm(
         factorized=decoder_factorized,
         residual=residual,
         prior=residual_prior,
+        prior_scale=prior_scale,
     )
     return CRM(encoder, fusion, decoder, in_channels=in_channels)
