@@ -30,6 +30,7 @@ from samsr.engine.checkpoint import (
     training_state,
 )
 from samsr.engine.data_stream import SampleStream, StreamSampler
+from samsr.models.components.implicit_decoder import crop_windows
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,6 @@ def loss_values(
         dist.all_reduce(stacked)
         stacked = stacked / ctx.world_size
     return dict(zip(losses, stacked.tolist()))
-
-
-def crop_windows(t: torch.Tensor, corners: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """B x C x wh x ww: sample i's window at ``corners[i]`` (row, col) of B x C x H x W ``t``."""
-    wh, ww = size
-    return torch.stack(
-        [t[i, :, y : y + wh, x : x + ww] for i, (y, x) in enumerate(corners.tolist())]
-    )
 
 
 class Trainer:

@@ -31,8 +31,7 @@ def decode_full(
         feat: 1 x C x h x w features.
         out_size: (H, W) of the query grid (the padded full resolution).
         chunk_size: queries per decoder call.
-        out: optional preallocated 1 x 1 x H x W float32 buffer to write into (it may be
-            ``prior``'s source: each chunk's prior is read before its pixels are written).
+        out: optional preallocated 1 x 1 x H x W float32 buffer to write into.
         prior: 1 x 1 x H x W normalised mask ([-1, 1]) for a pixel-prior decoder, else None.
 
     Returns:

@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samsr.models.components.fusion import Fusion
-from samsr.models.components.implicit_decoder import ImplicitDecoder, query_grid, query_windows
+from samsr.models.components.implicit_decoder import (
+    ImplicitDecoder,
+    crop_windows,
+    query_grid,
+    query_windows,
+)
 from samsr.models.components.resnet_encoder import ResNetEncoder
 
 __all__ = ["CRM", "IMAGENET_MEAN", "IMAGENET_STD", "build_crm"]
@@ -255,12 +260,7 @@ class CRM(nn.Module):
             raise ValueError("windows needs window_size=(rows, cols).")
         windows = windows.to(feat.device)
         coords, cell = query_windows(h, w, windows, window_size)
-        flat = None
-        if prior is not None:
-            wh, ww = window_size
-            flat = torch.stack(
-                [prior[i, 0, y : y + wh, x : x + ww] for i, (y, x) in enumerate(windows.tolist())]
-            ).reshape(b, -1)
+        flat = None if prior is None else crop_windows(prior, windows, window_size).reshape(b, -1)
         return self.decode(feat, coords, cell, prior=flat).view(b, 1, *window_size)
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ImplicitDecoder", "make_coord", "query_grid", "query_windows"]
+__all__ = ["ImplicitDecoder", "crop_windows", "make_coord", "query_grid", "query_windows"]
 
 _EPS_SHIFT = 1e-6  # ref eps_shift
 _CLAMP = 1e-6  # ref coord_.clamp_(-1 + 1e-6, 1 - 1e-6)
@@ -126,6 +126,15 @@ def query_windows(h: int, w: int, corners: Tensor, size: tuple[int, int]) -> tup
     ).reshape(b, wh * ww, 2)
     cell = torch.tensor([2 / h, 2 / w], dtype=torch.float32, device=dev)
     return coords, cell.expand(b, wh * ww, 2)
+
+
+def crop_windows(t: Tensor, corners: Tensor, size: tuple[int, int]) -> Tensor:
+    """B x C x wh x ww: sample i's window at ``corners[i]`` (row, col) of B x C x H x W ``t``
+    (the pixels :func:`query_windows` queries)."""
+    wh, ww = size
+    return torch.stack(
+        [t[i, :, y : y + wh, x : x + ww] for i, (y, x) in enumerate(corners.tolist())]
+    )
 
 
 def _scale_yx(t: Tensor, h: int, w: int) -> Tensor:
