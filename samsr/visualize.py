@@ -11,11 +11,26 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["BOUNDARY_RGB", "disagreement_window", "draw_boundary", "overlay", "side_by_side"]
+__all__ = [
+    "BOUNDARY_RGB",
+    "disagreement_window",
+    "draw_boundary",
+    "label_colors",
+    "overlay",
+    "side_by_side",
+]
 
 BOUNDARY_RGB = (255, 40, 40)
 """Colour of the drawn boundary."""
 _LABEL_RGB = (255, 255, 255)
+
+
+def label_colors(labels: np.ndarray) -> np.ndarray:
+    """... x H x W class indices (0-255) -> ... x H x W x 3 uint8 RGB in VOC's palette."""
+    from samsr.data.voc import voc_palette
+
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return palette[np.clip(labels, 0, 255).astype(np.intp)]
 
 
 def _binary(mask: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Evaluate a refiner: ``python scripts/eval.py ckpt_path=... [data=big] [inference=faithful]``;
-split over several GPUs with ``torchrun --nproc_per_node=N scripts/eval.py ...``."""
+split over several GPUs with ``torchrun --nproc_per_node=N scripts/eval.py ...``. The patch
+baseline: ``python scripts/eval.py model=pspnet data=big ckpt_path=... [--export-coarse DIR]``."""
 
 import sys
 
@@ -19,6 +20,25 @@ def main(cfg: DictConfig) -> None:
     run_eval(cfg, overrides=list(HydraConfig.get().overrides.task))
 
 
+def _export_flag(argv: list[str]) -> list[str]:
+    """``--export-coarse DIR`` (or ``--export-coarse=DIR``) as the override
+    ``eval.export_coarse=DIR``: a segmentation model's masks written as a coarse source."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--export-coarse":
+            value = next(args, None)
+            if value is None:
+                sys.exit("--export-coarse needs a folder: --export-coarse <dir>")
+            out.append(f"eval.export_coarse={value}")
+        elif arg.startswith("--export-coarse="):
+            out.append(f"eval.export_coarse={arg.split('=', 1)[1]}")
+        else:
+            out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = _export_flag(sys.argv[1:])
     sys.argv += hydra_rank_overrides(sys.argv[1:])  # torchrun ranks > 0: no second run folder
     main()

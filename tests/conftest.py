@@ -45,11 +45,25 @@ SAM_TINY = [
 ]
 
 
+# The patch baseline (model=pspnet): a tiny PSPNet on the tiny synthetic multi-class set.
+TINY_PSPNET = [
+    "model.net.depth=tiny",
+    "data.train.long_side=[64,128]",
+    "model.inference.window=48",
+    "model.inference.size=64",
+]
+
+
 def tiny_overrides(name: str, extra: list[str]) -> list[str]:
-    """TINY for config ``name`` (train keeps the trainer keys) and the model chosen in ``extra``."""
+    """TINY for config ``name`` (train keeps the trainer keys) and the model chosen in ``extra``
+    (a segmentation model also gets the synthetic multi-class set unless ``extra`` picks data)."""
     tiny = [o for o in TINY if name == "train" or not o.startswith("trainer.")]
     if any(o.startswith("model=samsr_v3") for o in extra):
         tiny = [o for o in tiny if not o.startswith("model.net.backbone=")] + TINY_V3
+    if any(o in ("model=pspnet", "experiment=pspnet_smoke") for o in extra):
+        tiny = [o for o in tiny if not o.startswith("model.net.backbone=")] + TINY_PSPNET
+        if not any(o.startswith("data=") or o.startswith("experiment=") for o in extra):
+            tiny.append("data=synthetic_classes")
     return tiny
 
 

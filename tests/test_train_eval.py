@@ -27,8 +27,21 @@ from samsr.engine.configs import CONFIG_DIR
 from samsr.engine.loading import checkpoint_model_config
 from samsr.engine.run import run_eval, run_train
 
-MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-DATA_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+
+def _segmentation(group: str, name: str) -> bool:
+    """Whether config ``group/name`` is of the segmentation task (the patch baseline)."""
+    text = (CONFIG_DIR / group / f"{name}.yaml").read_text()
+    return "task: segmentation" in text or "override /model: pspnet" in text
+
+
+def _configs(group: str, segmentation: bool = False) -> list[str]:
+    names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return [n for n in names if _segmentation(group, n) == segmentation]
+
+
+# refiners here; the segmentation configs (model=pspnet, data=voc, ...) in tests/test_pspnet.py
+MODEL_CONFIGS = _configs("model")
+DATA_CONFIGS = _configs("data")
 
 
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
@@ -240,7 +253,7 @@ def test_logger_config_makes_the_writer(tiny_cfg, tmp_path):
         run_train(tiny_cfg("train", [*common, "+logger.no_such_argument=1"]))
 
 
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = _configs("experiment")
 DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
 
 

@@ -152,6 +152,8 @@ def build_train_dataset(data_cfg: DictConfig, model_cfg: DictConfig) -> torch.ut
             f"data={data_cfg.get('name')} has no training set (data.train is null); "
             "train with data=train_merged, data=duts or data=synthetic."
         )
+    if not model_cfg.train_inputs:
+        return instantiate(data_cfg.train)
     roots = [str(r) for r in data_cfg.train.roots]
     inputs = {
         keyword: _instantiate(node.loader, f"model.train_inputs.{keyword}.loader")(

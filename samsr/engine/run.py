@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from samsr.engine.trainer import Trainer
 if TYPE_CHECKING:
     from samsr.inference import Refiner
     from samsr.inference.sam_refiner import SamGuidedRefiner
+    from samsr.inference.sliding import SegmentationPredictor
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,80 @@ def _prepare_data(data_cfg: DictConfig, ctx: DistContext) -> None:
     distributed.barrier()
 
 
+def task_of(node: DictConfig) -> str:
+    """``segmentation`` (class labels: the patch baseline) or ``refinement`` (the default)."""
+    return str(node.get("task") or "refinement")
+
+
+def _check_task(cfg: DictConfig) -> None:
+    """The model and the training data must be of one task."""
+    model, data = task_of(cfg.model), task_of(cfg.data)
+    if model != data:
+        fix = (
+            "data=voc or data=synthetic_classes"
+            if model == "segmentation"
+            else "a refinement set (data=synthetic, duts, train_merged)"
+        )
+        raise ConfigError(
+            f"model={cfg.model.get('name')} is a {model} model but data={cfg.data.get('name')} "
+            f"is a {data} set; use {fix}."
+        )
+
+
+def segmentation_predictor(
+    model: nn.Module, model_cfg: DictConfig, device: torch.device
+) -> SegmentationPredictor:
+    """The high-resolution predictor of a segmentation model (``model.inference``)."""
+    from samsr.inference.sliding import SegmentationPredictor
+
+    values = OmegaConf.to_container(model_cfg.inference, resolve=True)
+    assert isinstance(values, dict)
+    try:
+        return SegmentationPredictor(model, device=device, **values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid model.inference: {err}") from err
+
+
+def evaluate_segmentation_model(
+    model: nn.Module,
+    cfg: DictConfig,
+    device: torch.device,
+    split: str,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluates a segmentation model on ``data.<split>`` (a BIG-layout folder) with
+    ``model.inference``; with ``eval.export_coarse``, writes each object mask there as
+    ``<name>_seg.png`` (a coarse source for the refiners)."""
+    from samsr.engine.segmentation_eval import evaluate_segmentation
+
+    split_cfg = cfg.data.get(split)
+    if not split_cfg:
+        raise ConfigError(
+            f"data={cfg.data.get('name')} has no '{split}' split to evaluate on; evaluate the "
+            "baseline on data=big (or data=synthetic_classes)."
+        )
+    export = cfg.eval.get("export_coarse")
+    return evaluate_segmentation(
+        segmentation_predictor(model, cfg.model, device),
+        split_cfg.split_dir,
+        device,
+        source=f"{cfg.model.name}_{cfg.model.inference.mode}",
+        out_dir=out_dir,
+        method=str(cfg.model.name),
+        export_dir=export,
+        save_masks=bool(cfg.eval.save_masks),
+        max_images=cfg.eval.get("max_images"),
+        warmup=int(cfg.eval.warmup),
+        num_classes=int(cfg.model.net.num_classes),
+        progress=progress,
+    )
+
+
 def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
+    _check_task(cfg)
+    segmentation = task_of(cfg.model) == "segmentation"
     run_dir = _run_dir(cfg)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +247,7 @@ def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str,
     # last step: a missing folder or an unpaired file fails before step 0 (and before any
     # SAM precompute).
     validate = None
-    if cfg.data.get("val") and settings.val_every > 0:
+    if cfg.data.get("val") and settings.val_every > 0 and not segmentation:
         val_sets = build_eval_datasets(cfg.data, "val", settings.val_max_images)
         predictor: Refiner | SamGuidedRefiner | None = None  # built at the first validation
 
@@ -186,11 +260,18 @@ def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str,
             return {f"{src}/{k}": float(r[k]) for src, r in res.items() for k in _VAL_KEYS}
 
     test_sets = None
-    if cfg.get("test_after_training") and cfg.data.get("test"):
+    if cfg.get("test_after_training") and cfg.data.get("test") and not segmentation:
         test_sets = build_eval_datasets(cfg.data, "test", cfg.eval.get("max_images"))
 
     _precompute_sam_inputs(cfg, device, ctx)
     dataset = build_train_dataset(cfg.data, cfg.model)
+    if settings.epochs is not None:  # the schedule follows (optim's ${trainer.max_steps})
+        settings.max_steps = math.ceil(settings.epochs * len(dataset) / settings.batch_size)
+        with open_dict(cfg):
+            cfg.trainer.max_steps = settings.max_steps
+        if ctx.is_main:
+            log.info("%s epochs of %d samples: %d steps", settings.epochs, len(dataset),
+                     settings.max_steps)  # fmt: skip
     init_weights = cfg.model.init_weights
     model = build_model(cfg.model, weights=init_weights, init=True)
     if not init_weights and not cfg.get("resume"):  # from scratch: ImageNet encoder weights
@@ -224,6 +305,10 @@ def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str,
         log.info("checkpoint: %s", ckpt)
 
     results = None
+    if segmentation and cfg.get("test_after_training") and cfg.data.get("test") and ctx.is_main:
+        out = run_dir / "test"
+        results = evaluate_segmentation_model(trainer.model, cfg, device, "test", out)
+        print(format_results(results, method=str(cfg.model.name)))
     if test_sets is not None:
         results = evaluate_model(
             trainer.model, cfg, device, test_sets, run_dir / "test", ctx.is_main, dist=ctx
@@ -252,6 +337,8 @@ def run_eval(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     try:
         seed_everything(int(cfg.seed))
         _prepare_data(cfg.data, ctx)
+        if task_of(cfg.model) == "segmentation":
+            return _eval_segmentation(cfg, overrides, ctx, device)
         datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
         loaded = LoadedCheckpoint.read(cfg.ckpt_path)
         model_cfg = resolve_model_config(loaded, cfg.model, overrides)
@@ -268,3 +355,25 @@ def run_eval(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         return results
     finally:
         distributed.teardown()
+
+
+def _eval_segmentation(
+    cfg: DictConfig, overrides: Sequence[str] | None, ctx: DistContext, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """``run_eval`` for a segmentation model (rank 0 evaluates; other ranks return ``{}``)."""
+    loaded = LoadedCheckpoint.read(cfg.ckpt_path)
+    model_cfg = resolve_model_config(loaded, cfg.model, overrides)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.model = model_cfg
+    model = build_model(cfg.model, weights=loaded)
+    del loaded
+    out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
+    if not ctx.is_main:
+        return {}
+    results = evaluate_segmentation_model(model, cfg, device, str(cfg.split), out_dir)
+    print(format_results(results, method=str(cfg.model.name)))
+    print(f"\nresults: {out_dir / 'results.md'}")
+    if cfg.eval.get("export_coarse"):
+        print(f"coarse masks: {cfg.eval.export_coarse}")
+    return results

@@ -31,6 +31,7 @@ from samsr.engine.checkpoint import (
 )
 from samsr.engine.data_stream import SampleStream, StreamSampler
 from samsr.models.components.implicit_decoder import crop_windows
+from samsr.visualize import label_colors
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class TrainSettings:
     """Loop settings (``samsr/configs/trainer``)."""
 
     max_steps: int = 45705
+    # when set, max_steps = ceil(epochs x dataset size / batch_size), fixed at the start
+    epochs: float | None = None
     batch_size: int = 12  # the global batch: split over ranks and accumulation steps
     accumulate: int = 1  # forward/backward passes per step and rank
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (CUDA only)
@@ -63,6 +66,8 @@ class TrainSettings:
             raise ValueError(
                 "trainer.max_steps, trainer.batch_size and trainer.accumulate must be positive"
             )
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError("trainer.epochs must be positive (or null: trainer.max_steps)")
         if self.num_workers < 0:
             raise ValueError("trainer.num_workers must be >= 0")
         if self.decode_window < 0:
@@ -85,6 +90,23 @@ def micro_batch_size(batch_size: int, world_size: int, accumulate: int) -> int:
             f"world size x trainer.accumulate ({world_size} x {accumulate} = {parts})"
         )
     return batch_size // parts
+
+
+def build_optimizer(
+    model: nn.Module, factory: Callable[..., torch.optim.Optimizer]
+) -> torch.optim.Optimizer:
+    """The optimiser of ``model``'s trainable parameters: one group, or the model's own
+    ``param_groups()`` where it has them, each group's learning rate times its ``lr_mult``
+    (PSPNet's heads learn 10x faster than its backbone)."""
+    if not hasattr(model, "param_groups"):
+        return factory([p for p in model.parameters() if p.requires_grad])
+    groups = [
+        {**g, "params": [p for p in g["params"] if p.requires_grad]} for g in model.param_groups()
+    ]
+    optimizer = factory([g for g in groups if g["params"]])
+    for group in optimizer.param_groups:  # before the scheduler records each initial_lr
+        group["lr"] *= float(group.get("lr_mult", 1.0))
+    return optimizer
 
 
 class _NullWriter:
@@ -174,7 +196,7 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.loss_fn = loss_fn.to(device)
-        self.optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+        self.optimizer = build_optimizer(model, optimizer_factory)
         self.scheduler = scheduler_factory(self.optimizer)
         use_scaler = device.type == "cuda" and settings.amp_dtype == "float16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -309,6 +331,14 @@ class Trainer:
         self, batch: dict[str, Any], micro_index: int = 0
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         image = batch["image"].to(self.device, non_blocking=True)
+        if "label" in batch:  # semantic segmentation (PSPNet): image -> K class logits
+            label = batch["label"].to(self.device, non_blocking=True)
+            with autocast(self.device, self.settings.amp_dtype):
+                out = self.net(image)
+            extras = {k: v.float() for k, v in out.items() if k != "logits"}  # e.g. "aux"
+            losses = self.loss_fn(out["logits"].float(), label, **extras)
+            self._last_images = (image, None, label, out["logits"].detach())
+            return out, losses
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
         args = [image, coarse]
@@ -384,6 +414,14 @@ class Trainer:
     def _log_images(self, writer: SummaryWriter) -> None:
         image, coarse, gt, logits = self._last_images
         n = min(4, image.shape[0])
+        if coarse is None:  # segmentation: image, predicted classes, labels in VOC colours
+            panels = [
+                torch.from_numpy(label_colors(t[:n].cpu().numpy())).permute(0, 3, 1, 2) / 255
+                for t in (logits.argmax(1), gt)
+            ]
+            grid = make_grid(torch.cat([image[:n].float().cpu(), *panels]), nrow=n)
+            writer.add_image("train/image_pred_label", grid, self.step)
+            return
         masks = [m[:n].float().expand(-1, 3, -1, -1) for m in (coarse, torch.sigmoid(logits), gt)]
         grid = make_grid(torch.cat([image[:n].float(), *masks]).cpu(), nrow=n)
         writer.add_image("train/image_coarse_pred_gt", grid, self.step)

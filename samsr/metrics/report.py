@@ -68,6 +68,10 @@ def format_refinement_table(
         ``| coarse source | coarse IoU/mBA | <method> IoU/mBA | delta IoU/mBA |`` rows, then an
         ``avg. gain`` row with the mean of the deltas over sources (when every source has them).
     """
+    if results and not any("iou_coarse" in m for m in results.values()):
+        # a method without a coarse input (the patch baseline): its own scores alone
+        rows = [f"| {name} | {_pair(m, '', digits)} |" for name, m in results.items()]
+        return "\n".join([f"| evaluation | {method} IoU/mBA |", "|---|---|", *rows])
     lines = [
         f"| coarse source | coarse IoU/mBA | {method} IoU/mBA | delta IoU/mBA |",
         "|---|---|---|---|",

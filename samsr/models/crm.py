@@ -34,6 +34,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)  # ref im_transform Normalize std
 MASK_CHANNEL = 3  # the input channel holding the mask (ref: cat((image, seg), 1))
 
 
+def normalize_mask(mask: Tensor) -> Tensor:
+    """A mask in [0, 1] as the network sees it, in [-1, 1] (any shape)."""
+    return (mask - 0.5) / 0.5  # ref seg Normalize(mean=[0.5], std=[0.5])
+
+
 class CRM(nn.Module):
     """Continuous Refinement Model.
 
@@ -90,7 +95,7 @@ class CRM(nn.Module):
             )
         parts = [
             (image - self.pixel_mean) / self.pixel_std,  # ref torchvision Normalize: sub, div
-            (coarse - 0.5) / 0.5,  # ref seg Normalize(mean=[0.5], std=[0.5]) -> [-1, 1]
+            normalize_mask(coarse),
         ]
         if extra is not None:
             if extra.dim() != 4 or extra.shape[0] != image.shape[0]:
@@ -251,7 +256,7 @@ class CRM(nn.Module):
         are a pixel-prior decoder's prior) as B x 1 x H x W, or of one ``window_size`` window
         per sample at ``windows`` (B x 2 corners) as B x 1 x wh x ww."""
         b, _, h, w = coarse.shape
-        prior = (coarse.float() - 0.5) / 0.5 if self.decoder.pixel_prior else None
+        prior = normalize_mask(coarse.float()) if self.decoder.pixel_prior else None
         if windows is None:
             coords, cell = query_grid(h, w, b, device=feat.device)
             flat = None if prior is None else prior.reshape(b, -1)
@@ -296,8 +301,6 @@ def build_crm(
     Returns:
         The model (train mode).
     """
-    if residual_prior not in ("cell", "pixel"):
-        raise ValueError(f"model.net.residual_prior must be cell or pixel, got {residual_prior!r}.")
     if pretrained is False:
         pretrained = None
     elif pretrained is True:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RefinementLoss", "sobel_magnitude"]
+__all__ = ["RefinementLoss", "SegmentationLoss", "sobel_magnitude"]
 
 _SOBEL_EPS = 1e-4  # ref SobelComputer: SobelOperator(1e-4)
 
@@ -95,3 +95,36 @@ class RefinementLoss(nn.Module):
         assert isinstance(total, Tensor)
         terms["total"] = total
         return terms
+
+
+class SegmentationLoss(nn.Module):
+    """PSPNet's training loss: cross-entropy of the main logits plus ``aux_weight`` times that of
+    the auxiliary head's (hszhao/semseg: 0.4), pixels labelled ``ignore_index`` left out.
+
+    Args:
+        aux_weight: weight of the auxiliary loss (0: main loss only).
+        ignore_index: the label of unlabelled pixels (255: VOC's object borders and padding).
+    """
+
+    def __init__(self, aux_weight: float = 0.4, ignore_index: int = 255) -> None:
+        super().__init__()
+        if aux_weight < 0:
+            raise ValueError(f"model.loss.aux_weight must be >= 0, got {aux_weight}.")
+        self.aux_weight = float(aux_weight)
+        self.ignore_index = int(ignore_index)
+
+    def forward(
+        self, logits: Tensor, target: Tensor, aux: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``logits`` (and ``aux``): B x K x H x W; ``target``: B x H x W class indices (int64).
+
+        Returns:
+            ``{"total", "main"}`` and ``"aux"`` when ``aux`` is given (scalars).
+        """
+        target = target.long()
+        main = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+        out = {"total": main, "main": main}
+        if aux is not None and self.aux_weight > 0:
+            out["aux"] = F.cross_entropy(aux, target, ignore_index=self.ignore_index)
+            out["total"] = main + self.aux_weight * out["aux"]
+        return out

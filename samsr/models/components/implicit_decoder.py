@@ -229,7 +229,7 @@ class ImplicitDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if prior not in ("cell", "pixel"):
-            raise ValueError(f"prior must be 'cell' or 'pixel', got {prior!r}.")
+            raise ValueError(f"residual_prior must be cell or pixel, got {prior!r}.")
         self.factorized = factorized
         self.residual = residual
         self.prior = prior
