@@ -13,10 +13,12 @@ import numpy as np
 
 __all__ = [
     "BOUNDARY_RGB",
+    "class_overlay",
     "disagreement_window",
     "draw_boundary",
     "label_colors",
     "overlay",
+    "patch_figure_row",
     "side_by_side",
 ]
 
@@ -141,3 +143,27 @@ def side_by_side(
         parts.append(draw_boundary(image[crop], refined[crop], 2))
         rows.append(np.hstack([_fit(p, panel_w) for p in parts]))
     return np.vstack(rows)
+
+
+def class_overlay(image: np.ndarray, classes: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """``image`` (H x W x 3 uint8) with every non-background pixel of ``classes`` (H x W) tinted
+    in its VOC colour."""
+    colours = label_colors(classes)
+    fg = classes > 0
+    out = image.copy()
+    out[fg] = (image[fg] * (1 - alpha) + colours[fg] * alpha).astype(np.uint8)
+    return out
+
+
+def patch_figure_row(
+    image: np.ndarray,
+    patches: np.ndarray,
+    whole: np.ndarray,
+    gt_classes: np.ndarray,
+    width: int = 2000,
+) -> np.ndarray:
+    """input | patch-based | global | GT (H' x ``width`` x 3 uint8), class maps over the image."""
+    panel_w = max(1, width // 4)
+    panels = [image, *(class_overlay(image, c) for c in (patches, whole, gt_classes))]
+    titles = ["input", "patch-based", "global", "GT"]
+    return np.hstack([_label(_fit(p, panel_w), t) for p, t in zip(panels, titles)])

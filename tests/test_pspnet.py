@@ -447,10 +447,20 @@ def test_pspnet_trains_resumes_exactly_and_evaluates_in_both_modes(tiny_cfg, tmp
         assert "| evaluation | pspnet IoU/mBA |" in (out / "results.md").read_text()
         assert len(list(Path(f"{export}_{mode}").glob("*_seg.png"))) == 2
 
+    # figure 4.1 from the checkpoint: one row per image (4 panels), and the contact sheet
+    from samsr.engine.patch_figure import main as figure
+
+    split = export.parent.parent / "test"
+    fig = tmp_path / "fig"
+    assert figure(["--ckpt", str(full["checkpoint"]), "--split", str(split), "--out", str(fig),
+                   "--width", "400", "--device", "cpu"]) == 0  # fmt: skip
+    rows = sorted(fig.glob("test_*.png"))
+    assert len(rows) == 2 and (fig / "figure_4_1.png").is_file()
+    assert np.asarray(Image.open(rows[0])).shape[1] == 400
+
     # the export is a coarse source of the refiners (found beside the split: coarse_dirs=null)
     crm = run_train(tiny_cfg("train", ["trainer.max_steps=1", "test_after_training=false",
                                        f"paths.output_dir={tmp_path / 'crm'}"]))  # fmt: skip
-    split = export.parent.parent / "test"
     results = run_eval(
         tiny_cfg(
             "eval",
