@@ -60,7 +60,7 @@ def tiny_overrides(name: str, extra: list[str]) -> list[str]:
     tiny = [o for o in TINY if name == "train" or not o.startswith("trainer.")]
     if any(o.startswith("model=samsr_v3") for o in extra):
         tiny = [o for o in tiny if not o.startswith("model.net.backbone=")] + TINY_V3
-    if any(o in ("model=pspnet", "experiment=pspnet_smoke") for o in extra):
+    if any(o == "model=pspnet" or o.startswith("experiment=pspnet") for o in extra):
         tiny = [o for o in tiny if not o.startswith("model.net.backbone=")] + TINY_PSPNET
         if not any(o.startswith("data=") or o.startswith("experiment=") for o in extra):
             tiny.append("data=synthetic_classes")

@@ -346,3 +346,23 @@ def test_untrained_pixel_prior_model_returns_the_coarse_mask_through_the_cascade
     image, coarse = _inputs(150, 131)
     out = refine(model, image, coarse, cfg)
     assert torch.equal(out >= 0.5, coarse >= 0.5)
+
+
+# ------------------------------------------------------------------ flip (test-time augmentation)
+
+
+def test_flip_averages_the_mirrored_answer(model: CRM) -> None:
+    image, coarse = _inputs(45, 61)
+    cascade = CascadeConfig(scales=(0.5, 1.0))
+    plain = Refiner(model, cascade=cascade).refine_tensor(image, coarse)
+    with torch.inference_mode():
+        mirrored = refine(model, image.flip(-1), coarse.flip(-1), cascade).flip(-1)
+    both = Refiner(model, cascade=CascadeConfig(scales=(0.5, 1.0), flip=True))
+    out = both.refine_tensor(image, coarse)
+    torch.testing.assert_close(out, (plain + mirrored) / 2)
+    assert not torch.allclose(plain, mirrored)  # the network is not mirror-symmetric itself
+    # a mirror-symmetric input: flip changes nothing but rounding
+    sym_image = torch.cat([image, image.flip(-1)], dim=-1)
+    sym_coarse = torch.cat([coarse, coarse.flip(-1)], dim=-1)
+    sym = both.refine_tensor(sym_image, sym_coarse)
+    torch.testing.assert_close(sym, sym.flip(-1), atol=1e-5, rtol=0)

@@ -339,7 +339,7 @@ def test_object_channel_is_the_last_integer_of_the_name():
 # ----------------------------------------------------------------- through the real configs
 
 SEGMENTATION_DATA = ["synthetic_classes", "voc"]
-SEGMENTATION_EXPERIMENTS = ["pspnet_smoke", "pspnet_voc"]
+SEGMENTATION_EXPERIMENTS = ["pspnet_smoke", "pspnet_synthetic", "pspnet_voc"]
 
 
 @pytest.mark.parametrize("data", SEGMENTATION_DATA)

@@ -30,8 +30,13 @@ from samsr.engine.run import run_eval, run_train
 
 def _segmentation(group: str, name: str) -> bool:
     """Whether config ``group/name`` is of the segmentation task (the patch baseline)."""
-    text = (CONFIG_DIR / group / f"{name}.yaml").read_text()
-    return "task: segmentation" in text or "override /model: pspnet" in text
+    if group != "experiment":
+        return "task: segmentation" in (CONFIG_DIR / group / f"{name}.yaml").read_text()
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+    return cfg.model.get("task") == "segmentation"
 
 
 def _configs(group: str, segmentation: bool = False) -> list[str]:

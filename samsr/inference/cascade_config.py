@@ -54,6 +54,8 @@ class CascadeConfig:
             shape, so tuning costs more than it saves).
         tf32: TF32 for fp32 matmuls and convolutions on CUDA (off in the reference protocol;
             the speed presets allow it).
+        flip: not in the reference: also refine the mirrored image and mask and average the
+            two probabilities (test-time augmentation; twice the time).
     """
 
     scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0)
@@ -71,6 +73,7 @@ class CascadeConfig:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     tf32: bool = False
+    flip: bool = False
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)

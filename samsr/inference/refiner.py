@@ -105,6 +105,11 @@ class Refiner:
             prob = refine(
                 self.model, image_t, coarse_t, self.cascade, extra, self.timings, self.profile
             )
+            if self.cascade.flip:  # the mirrored input's answer, mirrored back, averaged
+                mirror = None if extra is None else extra.flip(-1)
+                flipped = refine(self.model, image_t.flip(-1), coarse_t.flip(-1), self.cascade,
+                                 mirror, self.timings, self.profile)  # fmt: skip
+                prob = (prob + flipped.flip(-1)) / 2
         if timed:
             synchronize(self.device)
             self.timings["call"] = self.timings.get("call", 0.0) + time.perf_counter() - t0
