@@ -109,7 +109,7 @@ def test_recipe_options_reach_the_model_dataset_and_trainer(tmp_path):
         tmp_path,
     )  # fmt: skip
     decoder = build_model(cfg.model).decoder
-    assert decoder.pixel_prior and float(decoder.prior_scale) == 2.0
+    assert decoder.pixel_prior and float(decoder.prior_scale.detach()) == 2.0
     assert build_train_dataset(cfg.data, cfg.model).lowres_thresholds == (96.0, 160.0)
     assert train_settings(cfg.trainer).decode_window == 112
     bad = compose_config(

@@ -473,3 +473,27 @@ def test_pspnet_trains_resumes_exactly_and_evaluates_in_both_modes(tiny_cfg, tmp
         )  # fmt: skip
     )
     assert set(results) == {"pspnet_samsr_sliding", "pspnet_samsr_global"}
+
+
+def test_training_from_scratch_loads_the_imagenet_file_into_the_backbone(tmp_path):
+    # the same entry point as CRM's encoder: model.net.pretrained=<file> (or imagenet)
+    from conftest import compose_config
+    from torchvision.models import resnet50
+
+    from samsr.engine.builders import build_model, load_pretrained
+    from samsr.engine.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    reference = resnet50()
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    over = ["model=pspnet", "data=synthetic_classes", "model.net.depth=50",
+            f"model.net.pretrained={path}"]  # fmt: skip
+    cfg = compose_config("train", over, tmp_path)
+    model = build_model(cfg.model)
+    assert load_pretrained(model, cfg.model, str(tmp_path)) == str(path)
+    loaded = model.encoder.layer3[5].conv2.weight
+    torch.testing.assert_close(loaded, reference.layer3[5].conv2.weight)
+    torch.save({"fc.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="not a torchvision resnet50 state dict"):
+        load_pretrained(model, cfg.model, str(tmp_path))
