@@ -16,6 +16,10 @@ PyTorch's default collate turns them into ``B x 3 x S x S``, ``B x 1 x S x S`` t
 into ``{"name": list[str], "index": LongTensor[B]}``. Images smaller than S are padded with 0
 (image before the colour jitter, and gt; see :mod:`samsr.data.transforms`).
 
+Segmentation training samples (:class:`~samsr.data.voc.UpscaleCropDataset`, the patch baseline)
+have ``image`` as above, ``label`` (``S x S`` int64 class indices, 255 = ignored) and ``meta``, and
+no ``coarse``/``gt``: the trainer tells the two kinds apart by ``label``.
+
 Evaluation samples (:class:`~samsr.data.train_dataset.EvalDataset`; full resolution, variable
 size, not batched) are dicts:
 

@@ -138,8 +138,11 @@ class Trainer:
     """Trains ``model`` on a stream of samples from ``dataset``.
 
     Args:
-        model: returns ``{"logits": B x 1 x H x W}`` from ``(image, coarse)``.
-        loss_fn: ``(logits, gt) -> {"total": scalar, ...}``.
+        model: returns ``{"logits": B x 1 x H x W}`` from ``(image, coarse)``; for segmentation
+            batches (a ``label`` entry: the patch baseline) ``{"logits": B x K x H x W, ...}``
+            from ``image`` alone.
+        loss_fn: ``(logits, gt) -> {"total": scalar, ...}``; for segmentation ``(logits, label,
+            **the model's other outputs, e.g. aux)``.
         optimizer_factory: params -> optimizer (``functools.partial`` of its class).
         scheduler_factory: optimizer -> LR scheduler stepped once per iteration.
         dataset: training samples following the batch contract of :mod:`samsr.data`.
@@ -337,7 +340,8 @@ class Trainer:
                 out = self.net(image)
             extras = {k: v.float() for k, v in out.items() if k != "logits"}  # e.g. "aux"
             losses = self.loss_fn(out["logits"].float(), label, **extras)
-            self._last_images = (image, None, label, out["logits"].detach())
+            # the first classes only: a full B x K x S x S logit copy would stay on the device
+            self._last_images = (image[:4], None, label[:4], out["logits"][:4].detach().argmax(1))
             return out, losses
         coarse = batch["coarse"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
@@ -412,17 +416,17 @@ class Trainer:
         return terms
 
     def _log_images(self, writer: SummaryWriter) -> None:
-        image, coarse, gt, logits = self._last_images
+        image, coarse, gt, pred = self._last_images  # pred: logits, or classes (segmentation)
         n = min(4, image.shape[0])
         if coarse is None:  # segmentation: image, predicted classes, labels in VOC colours
             panels = [
                 torch.from_numpy(label_colors(t[:n].cpu().numpy())).permute(0, 3, 1, 2) / 255
-                for t in (logits.argmax(1), gt)
+                for t in (pred, gt)
             ]
             grid = make_grid(torch.cat([image[:n].float().cpu(), *panels]), nrow=n)
             writer.add_image("train/image_pred_label", grid, self.step)
             return
-        masks = [m[:n].float().expand(-1, 3, -1, -1) for m in (coarse, torch.sigmoid(logits), gt)]
+        masks = [m[:n].float().expand(-1, 3, -1, -1) for m in (coarse, torch.sigmoid(pred), gt)]
         grid = make_grid(torch.cat([image[:n].float(), *masks]).cpu(), nrow=n)
         writer.add_image("train/image_coarse_pred_gt", grid, self.step)
 
