@@ -40,22 +40,17 @@ from samsr.data.transforms import image_to_tensor, photometric
 from samsr.models.crm import IMAGENET_MEAN
 
 __all__ = [
-    "VOC_CLASSES",
     "SegItem",
     "UpscaleCropDataset",
     "find_sbd",
     "find_voc",
     "read_label",
     "upscale_crop",
+    "upscaled_size",
     "voc_items",
     "voc_palette",
 ]
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
 IGNORE_INDEX = 255
 
 
@@ -171,6 +166,12 @@ def read_label(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"cannot read the label {path}: {err}") from err
 
 
+def upscaled_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(H, W) of a ``height`` x ``width`` image upscaled to ``long_side`` (aspect kept)."""
+    scale = long_side / max(height, width)
+    return round(height * scale), round(width * scale)
+
+
 def upscale_crop(
     image: np.ndarray,
     label: np.ndarray,
@@ -201,7 +202,7 @@ def upscale_crop(
     lab = cv2.warpAffine(label, inverse, size, flags=cv2.INTER_NEAREST | warp,
                          borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
     # pixels of the window beyond the upscaled image's extent are padding
-    out_h, out_w = round(height * scale), round(width * scale)
+    out_h, out_w = upscaled_size(height, width, long_side)
     rows = np.arange(crop) + top
     cols = np.arange(crop) + left
     outside = (rows[:, None] >= out_h) | (cols[None, :] >= out_w)
@@ -270,8 +271,7 @@ class UpscaleCropDataset(Dataset):
                 f"{self.num_classes} classes (model.net.num_classes)."
             )
         long_side = int(rng.integers(self.long_side[0], self.long_side[1] + 1))
-        scale = long_side / max(image.shape[:2])
-        out_h, out_w = round(image.shape[0] * scale), round(image.shape[1] * scale)
+        out_h, out_w = upscaled_size(*image.shape[:2], long_side)
         top = int(rng.integers(0, max(0, out_h - self.crop) + 1))
         left = int(rng.integers(0, max(0, out_w - self.crop) + 1))
         img, lab = upscale_crop(image, label, long_side, self.crop, top, left, self.ignore_index)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from samsr.data.io import read_image, read_mask, write_image
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(model_cfg.get("task")) != "segmentation":
         raise ConfigError(f"{args.ckpt} is a {model_cfg.get('name')} refiner, not a PSPNet run.")
     device = resolve_device(args.device)
-    model = build_model(model_cfg, weights=loaded).to(device).eval()
+    model = build_model(model_cfg, weights=loaded)  # the predictors move it and set eval
     settings = OmegaConf.to_container(model_cfg.inference, resolve=True)
     assert isinstance(settings, dict)
     modes = {
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         assert item.gt is not None
         image = read_image(item.image)
         gt = np.where(read_mask(item.gt) > 128, object_channel(item.name), 0).astype(np.uint8)
-        with torch.inference_mode():
-            maps = {m: predict(image) for m, predict in modes.items()}
+        maps = {m: predict(image) for m, predict in modes.items()}
         row = patch_figure_row(image, maps["sliding"], maps["global"], gt, args.width)
         write_image(out / f"{item.name}.png", row)
         rows.append(row)

@@ -337,43 +337,36 @@ def run_eval(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     try:
         seed_everything(int(cfg.seed))
         _prepare_data(cfg.data, ctx)
-        if task_of(cfg.model) == "segmentation":
-            return _eval_segmentation(cfg, overrides, ctx, device)
-        datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
-        loaded = LoadedCheckpoint.read(cfg.ckpt_path)
-        model_cfg = resolve_model_config(loaded, cfg.model, overrides)
-        cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
-        with open_dict(cfg):
-            cfg.model = model_cfg
-        model = build_model(cfg.model, weights=loaded)
-        del loaded
+        segmentation = task_of(cfg.model) == "segmentation"  # scored per image, no coarse
+        datasets = None
+        if not segmentation:  # every source found and checked before the checkpoint is read
+            datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
+        cfg, model = _checkpoint_model(cfg, overrides)
         out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
-        results = evaluate_model(model, cfg, device, datasets, out_dir, ctx.is_main, dist=ctx)
+        if datasets is not None:
+            results = evaluate_model(model, cfg, device, datasets, out_dir, ctx.is_main, dist=ctx)
+        elif ctx.is_main:  # one process segments (the other ranks have nothing to do)
+            results = evaluate_segmentation_model(model, cfg, device, str(cfg.split), out_dir)
+        else:
+            results = {}
         if ctx.is_main:
             print(format_results(results, method=str(cfg.model.name)))
             print(f"\nresults: {out_dir / 'results.md'}")
+            if segmentation and cfg.eval.get("export_coarse"):
+                print(f"coarse masks: {cfg.eval.export_coarse}")
         return results
     finally:
         distributed.teardown()
 
 
-def _eval_segmentation(
-    cfg: DictConfig, overrides: Sequence[str] | None, ctx: DistContext, device: torch.device
-) -> dict[str, dict[str, Any]]:
-    """``run_eval`` for a segmentation model (rank 0 evaluates; other ranks return ``{}``)."""
+def _checkpoint_model(
+    cfg: DictConfig, overrides: Sequence[str] | None
+) -> tuple[DictConfig, nn.Module]:
+    """The network of ``cfg.ckpt_path`` with its weights, and a copy of ``cfg`` whose ``model``
+    is the one it was built from (the checkpoint's, with what ``overrides`` set)."""
     loaded = LoadedCheckpoint.read(cfg.ckpt_path)
     model_cfg = resolve_model_config(loaded, cfg.model, overrides)
-    cfg = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     with open_dict(cfg):
         cfg.model = model_cfg
-    model = build_model(cfg.model, weights=loaded)
-    del loaded
-    out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
-    if not ctx.is_main:
-        return {}
-    results = evaluate_segmentation_model(model, cfg, device, str(cfg.split), out_dir)
-    print(format_results(results, method=str(cfg.model.name)))
-    print(f"\nresults: {out_dir / 'results.md'}")
-    if cfg.eval.get("export_coarse"):
-        print(f"coarse masks: {cfg.eval.export_coarse}")
-    return results
+    return cfg, build_model(cfg.model, weights=loaded)

@@ -76,8 +76,8 @@ def evaluate_segmentation(
         ``{source: metrics}`` (``iou``, ``miou``, ``mba``, ``time_s``, ``peak_mem_gib``, ...).
     """
     items = find_big_split(split_dir, require_coarse=False)[:max_images]
-    for item in items:
-        channel = object_channel(item.name)
+    channels = [object_channel(item.name) for item in items]  # every name checked up front
+    for item, channel in zip(items, channels):
         if not 0 < channel < num_classes:
             raise DataError(
                 f"{item.gt}: class {channel} is not an object class of a {num_classes}-class "
@@ -85,14 +85,16 @@ def evaluate_segmentation(
             )
     meter = RefinementMeter()
     eff = EfficiencyMeter(device, warmup=warmup)
-    for item in tqdm(items, desc=f"eval {source}", disable=not progress, leave=False):
+    bar = tqdm(zip(items, channels), total=len(items), desc=f"eval {source}",
+               disable=not progress, leave=False)  # fmt: skip
+    for item, channel in bar:
         assert item.gt is not None
         image = read_image(item.image)
         gt = read_mask(item.gt)
         check_same_size(gt, item.gt, image.shape[:2], item.image, "ground truth")
         with eff.measure(size=gt.shape[:2]):
             classes = segment(image)
-        mask = np.where(classes == object_channel(item.name), 255, 0).astype(np.uint8)
+        mask = np.where(classes == channel, 255, 0).astype(np.uint8)
         meter.update(item.name, gt, mask)
         if export_dir is not None:
             write_mask(Path(export_dir) / f"{item.name}_seg.png", mask)

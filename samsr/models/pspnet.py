@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samsr.models.components.resnet_encoder import _imagenet_state
+from samsr.models.components.resnet_encoder import read_imagenet_state
 from samsr.models.crm import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["DilatedResNet", "PSPNet", "PyramidPooling", "build_pspnet"]
@@ -80,16 +80,7 @@ class DilatedResNet(nn.Module):
         if self.depth == "tiny":
             raise ValueError("the tiny test backbone has no ImageNet weights; set pretrained=null.")
         arch = f"resnet{self.depth}"
-        if source == "imagenet":
-            state, origin = _imagenet_state(arch, search_dirs)
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"ImageNet weights not found: {path}. Expected torchvision's {arch} state "
-                    "dict (or pretrained=imagenet to use torchvision's release file)."
-                )
-            state, origin = torch.load(path, map_location="cpu", weights_only=True), str(path)
+        state, origin = read_imagenet_state(arch, source, search_dirs)
         if not isinstance(state, dict):
             raise ValueError(f"{origin} is not a state dict (got {type(state).__name__}).")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -84,6 +84,25 @@ def _imagenet_state(arch: str, search_dirs: Sequence[str | Path]) -> tuple[dict,
     return state, f"torchvision {arch} IMAGENET1K_V1 ({url})"
 
 
+def read_imagenet_state(
+    arch: str, source: str, search_dirs: Sequence[str | Path] = ()
+) -> tuple[dict, str]:
+    """``(state dict, where it came from)`` of torchvision's ImageNet ``arch``: ``source`` is
+    ``"imagenet"`` (the release file in one of ``search_dirs``, else the download) or a path.
+
+    Raises:
+        FileNotFoundError: If the file does not exist or the weights cannot be downloaded.
+    """
+    if source == "imagenet":
+        return _imagenet_state(arch, search_dirs)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Pretrained encoder weights not found: {path}. Expected {_imagenet_hint(arch)}."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True), str(path)
+
+
 def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
     """Turns a stride-2 layer of BasicBlocks into a stride-1 dilated one, in place.
 
@@ -193,18 +212,7 @@ class ResNetEncoder(nn.Module):
                 (the message says where to put the file).
             ValueError: If the file does not hold this arch's torchvision state dict.
         """
-        if source == "imagenet":
-            state, origin = _imagenet_state(self.arch, search_dirs)
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"Pretrained encoder weights not found: {path}. Expected "
-                    f"{_imagenet_hint(self.arch)}."
-                )
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            origin = str(path)
-        self.load_rgb_state_dict(state, origin=origin)
+        self.load_rgb_state_dict(*read_imagenet_state(self.arch, source, search_dirs))
 
     def load_rgb_state_dict(self, state: Mapping[str, Tensor], origin: str = "state dict") -> None:
         """Loads a torchvision ResNet state dict with 3-channel conv1 (strict, explicit keys).
