@@ -30,10 +30,12 @@ __all__ = [
     "autocast",
     "backend_flags",
     "describe",
+    "native_bf16",
     "parse_dtype",
     "peak_memory_bytes",
     "peak_memory_kind",
     "reset_peak_memory",
+    "resolve_dtype",
     "resolve_device",
     "synchronize",
 ]
@@ -249,6 +251,24 @@ def autocast(
     if torch_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(_as_device(device).type, dtype=torch_dtype)
+
+
+def native_bf16(device: DeviceLike) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; CPUs with
+    AVX512-BF16/AMX, as oneDNN reports): elsewhere bf16 is emulated and slower than float32."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_dtype(name: str | None, device: DeviceLike) -> torch.dtype | None:
+    """:func:`parse_dtype`, and ``"auto"``: bfloat16 where :func:`native_bf16`, else None."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    return parse_dtype(name)
 
 
 def _cpu_model() -> str:

@@ -30,7 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = "faithful"
 ORDER = (
     *("faithful", "patched", "factorized", "channels_last", "bf16", "bbox", "contour"),
-    *("strided2", "strided4", "strided8", "tiled", "fast"),
+    *("strided2", "strided4", "strided8", "tiled", "fold_bn", "bf16_encoder", "band"),
+    *("tiled_auto", "fast"),
 )
 EXCLUDED = ("single_scale",)
 DEFAULT_SIZES = ("2048x1536", "4000x3000", "6000x4000")

@@ -23,6 +23,7 @@ can be added without touching the protocol.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from samsr.device import synchronize
+from samsr.device import autocast, resolve_dtype, synchronize
 from samsr.inference.cascade_config import CascadeConfig
+from samsr.inference.context import context_halo
 from samsr.inference.decoding import PixelDecoder, decode_full, decoder_mode
 from samsr.inference.regions import bbox_region, contour_region, decode_region, strided_fill
-from samsr.inference.tiling import plan_tiles, scaled_window
+from samsr.inference.tiling import plan_region_tiles, plan_tiles, scaled_window
 from samsr.models.components.sam_frame import Frame
 from samsr.models.crm import CRM, MASK_CHANNEL
 
@@ -46,7 +48,10 @@ __all__ = [
     "encode_at_scale",
     "is_empty_mask",
     "pad_reflect",
+    "band_width_px",
+    "in_band",
     "refine",
+    "resolve_halo",
     "scaled_size",
 ]
 
@@ -127,6 +132,7 @@ def refine(
     extra: Tensor | None = None,
     timings: dict[str, float] | None = None,
     profile: bool = False,
+    on_scale: Callable[[float, Tensor], None] | None = None,
 ) -> Tensor:
     """Refines one mask with the multi-scale cascade (runs under ``torch.inference_mode``).
 
@@ -139,12 +145,15 @@ def refine(
         extra: optional 1 x E x H x W extra input channels (SAM-SR variants), kept fixed;
             float, or uint8 (divided by 255, like training's maps).
         timings: if given, counters are added to it: ``"decoded_px"`` (queries decoded over
-            all scales), ``"tiles"`` / ``"tiles_skipped"`` (tiled mode), and ``"sam"`` seconds
+            all scales), ``"encoded_px"`` (input pixels encoded over all scales, halos
+            included), ``"tiles"`` / ``"tiles_skipped"`` (tiled mode), and ``"sam"`` seconds
             for SAM-guided models (SAM-SR v3: SAM's encoder runs once per image, before the
             scales; one synchronisation on each side of it).
         profile: also add ``"encode"`` and ``"decode"`` seconds to ``timings``, synchronising
             the device around every stage of every scale and tile (a profiling run: the
             synchronisations cost time, most of all in tiled mode; never in timed runs).
+        on_scale: called after every scale with ``(scale, prob)``, ``prob`` the 1 x 1 x Hp x Wp
+            padded probability buffer (a view: copy what you keep), for diagnostics.
 
     Returns:
         1 x 1 x H x W probability of the last scale (all zeros for an empty input mask).
@@ -155,7 +164,7 @@ def refine(
     if coarse.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
     with torch.inference_mode(), decoder_mode(model, cfg.decoder_factorized):
-        return _refine(model, image, coarse, cfg, extra, timings, profile)
+        return _refine(model, image, coarse, cfg, extra, timings, profile, on_scale)
 
 
 def _as_unit(x: Tensor) -> Tensor:
@@ -237,6 +246,24 @@ def _region(cfg: CascadeConfig, label: Tensor) -> Tensor:
     return contour_region(label, cfg.contour_width)
 
 
+def band_width_px(band_width: int, scale: float) -> int:
+    """Half-width in full-resolution pixels of the band at ``scale``: ``band_width`` pixels of
+    that scale's input."""
+    return max(1, math.ceil(band_width / scale))
+
+
+def in_band(cfg: CascadeConfig, scale: float) -> bool:
+    """Whether ``scale`` is decoded in a band around its input mask's boundary."""
+    return cfg.band_width > 0 and scale >= cfg.band_from
+
+
+def resolve_halo(model: CRM, cfg: CascadeConfig) -> int:
+    """``cfg.tile_halo`` in pixels (``"auto"``: the model's measured context radius)."""
+    if cfg.tile_halo == "auto":
+        return context_halo(model, cfg.context_tol)
+    return int(cfg.tile_halo)
+
+
 def _fill(decode: PixelDecoder, prob: Tensor, region: Tensor | None, cfg: CascadeConfig) -> int:
     if cfg.stride > 1:
         return strided_fill(decode, prob, region, cfg.stride, cfg.chunk_size)
@@ -251,10 +278,13 @@ def _refine(
     extra: Tensor | None,
     timings: dict[str, float] | None,
     profile: bool = False,
+    on_scale: Callable[[float, Tensor], None] | None = None,
 ) -> Tensor:
     _, _, h, w = image.shape
     device = image.device
-    sparse = cfg.region != "full" or cfg.stride > 1 or cfg.tile > 0
+    sparse = cfg.region != "full" or cfg.stride > 1 or cfg.tile > 0 or cfg.band_width > 0
+    halo = resolve_halo(model, cfg) if cfg.tile > 0 else 0
+    enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
     # prob: the previous scale's probability; pixels that are not decoded keep it
     static, mask, prob = _padded_inputs(model, image, coarse, extra, cfg.pad, keep_coarse=sparse)
     hp, wp = mask.shape[-2:]
@@ -287,6 +317,11 @@ def _refine(
             return torch.zeros((1, 1, h, w), dtype=torch.float32, device=device)
         if cfg.region != "full" and cfg.region_source == "current":
             region = _region(cfg, prob[0, 0] >= 0.5 if i > 0 else mask[0, 0] >= 0)
+        scale_region = region
+        if in_band(cfg, scale):  # this scale's input boundary, width in its own pixels
+            label = prob[0, 0] >= 0.5 if i > 0 else mask[0, 0] >= 0
+            scale_region = contour_region(label, band_width_px(cfg.band_width, scale))
+            del label
         size = scaled_size(hp, wp, scale)
         t0 = tick()
         guide = None
@@ -295,29 +330,39 @@ def _refine(
             guide = model.guide(embedding, unpadded, Frame.cascade(h, w, cfg.pad, size))
         add("encode", tick() - t0)
         if cfg.tile > 0:
-            n = _refine_tiles(model, static, mask, prob, region, size, cfg, add, tick, guide)
-            del mask
+            n = _refine_tiles(
+                model, static, mask, prob, scale_region, size, cfg, halo, enc_dtype, add, tick,
+                guide,
+            )  # fmt: skip
+            del mask, scale_region
             add("decoded_px", n)
+            if on_scale is not None:
+                on_scale(scale, prob)
             continue
         t0 = tick()
-        feat = encode_at_scale(
-            model, static, mask, size, cfg.fusion_patch, cfg.channels_last, guide
-        )
+        with autocast(device, enc_dtype):
+            feat = encode_at_scale(
+                model, static, mask, size, cfg.fusion_patch, cfg.channels_last, guide
+            )
+        feat = feat.float()
         prior = mask if model.decoder.pixel_prior else None  # the mask at full resolution
         del mask
         t1 = tick()
         if sparse:
             decode = PixelDecoder(model, feat, (hp, wp), cfg.chunk_size, prior=prior)
-            n = _fill(decode, prob[0, 0], region, cfg)
+            n = _fill(decode, prob[0, 0], scale_region, cfg)
             del decode
         else:
             prob = decode_full(model, feat, (hp, wp), cfg.chunk_size, out=prob, prior=prior)
             n = hp * wp
-        del feat, prior
+        del feat, prior, scale_region
         t2 = tick()
         add("encode", t1 - t0)
         add("decode", t2 - t1)
         add("decoded_px", n)
+        add("encoded_px", size[0] * size[1])
+        if on_scale is not None:
+            on_scale(scale, prob)
     return prob[..., cfg.pad : cfg.pad + h, cfg.pad : cfg.pad + w].contiguous()
 
 
@@ -332,14 +377,24 @@ def _refine_tiles(
     region: Tensor | None,
     size: tuple[int, int],
     cfg: CascadeConfig,
+    halo: int,
+    enc_dtype: torch.dtype | None,
     add: Callable[[str, float], None],
     tick: Callable[[], float],
     guide: Any = None,
 ) -> int:
-    """One scale in tiles: encode each tile's window, decode its core into ``prob``."""
+    """One scale in tiles: encode each tile's window, decode its core into ``prob``.
+
+    Tiles holding no pixel of ``region`` are not encoded (with ``cfg.tile_min``, the tiles are
+    cut to the region in the first place); their pixels keep the previous scale's values.
+    """
     hp, wp = prob.shape[-2:]
     decoded = 0
-    for tile in plan_tiles((hp, wp), size, cfg.tile, cfg.tile_halo):
+    if region is not None and cfg.tile_min > 0:
+        tiles = plan_region_tiles((hp, wp), size, cfg.tile, halo, region, cfg.tile_min)
+    else:
+        tiles = plan_tiles((hp, wp), size, cfg.tile, halo)
+    for tile in tiles:
         qy0, qy1, qx0, qx1 = tile.q
         core_region = None if region is None else region[qy0:qy1, qx0:qx1]
         if core_region is not None and not bool(core_region.any()):
@@ -351,9 +406,11 @@ def _refine_tiles(
             scaled_window(mask, size, tile.x),
             cfg.channels_last,
         )
-        feat, (fy, fx) = model.encode_window(
-            x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch, **_guide_kwargs(guide)
-        )
+        with autocast(x.device, enc_dtype):
+            feat, (fy, fx) = model.encode_window(
+                x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch, **_guide_kwargs(guide)
+            )
+        feat = feat.float()
         del x
         t1 = tick()
         full_h, full_w = model.encoder.level_sizes(*size)[0]
@@ -372,4 +429,5 @@ def _refine_tiles(
         add("encode", t1 - t0)
         add("decode", tick() - t1)
         add("tiles", 1)
+        add("encoded_px", (tile.x[1] - tile.x[0]) * (tile.x[3] - tile.x[2]))
     return decoded

@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["REGIONS", "REGION_SOURCES", "CascadeConfig"]
+__all__ = ["ENCODER_DTYPES", "REGIONS", "REGION_SOURCES", "CascadeConfig"]
 
 REGIONS = ("full", "bbox", "contour")
 REGION_SOURCES = ("coarse", "current")
+ENCODER_DTYPES = (None, "auto", "bfloat16", "float16")
 
 
 @dataclass
@@ -47,7 +48,25 @@ class CascadeConfig:
             longer grows with the image; tiles holding no pixel to decode are skipped. 0 = off.
         tile_halo: context around each tile in input pixels (rounded up to a multiple of 8);
             features match the untiled ones up to float rounding once it covers the encoder's
-            receptive field (~100 px for ResNet-18, more for ResNet-50).
+            receptive field (~100 px for ResNet-18, more for ResNet-50). ``"auto"``: the
+            model's measured context radius at ``context_tol``
+            (:func:`samsr.inference.context.context_halo`, measured once per model).
+        context_tol: relative feature error counted as no change when ``tile_halo`` is auto.
+        tile_min: > 0 cuts the tiles of scales with a region (``region``, ``band_width``) to
+            the region and splits them down to ``tile_min`` input pixels wherever the smaller
+            windows, halo included, encode fewer pixels
+            (:func:`samsr.inference.tiling.plan_region_tiles`); 0 = the regular grid.
+        band_width: > 0 decodes, at every scale >= ``band_from``, only the band within
+            ``ceil(band_width / scale)`` full-resolution pixels (``band_width`` pixels of that
+            scale's input) of the boundary of that scale's input mask, and (tiled) encodes only
+            tiles holding some of it; earlier scales use ``region``. 0 = off.
+        band_from: the first scale decoded in a band.
+        fold_bn: fold every BatchNorm into the convolution before it, in an inference copy of
+            the model (:mod:`samsr.inference.graph`; float rounding).
+        encoder_dtype: None (the network's dtype), ``"bfloat16"``/``"float16"`` (autocast of
+            the encoder and fusion only; features are cast back to float32 for the decoder) or
+            ``"auto"`` (bfloat16 where the hardware has it: CUDA with bf16, CPUs with
+            AVX512-BF16/AMX; float32 elsewhere).
         channels_last: run the network on channels-last tensors (faster convolutions on some
             hardware; same function).
         cudnn_benchmark: let cuDNN autotune per shape (off: every image and scale is a new
@@ -69,7 +88,13 @@ class CascadeConfig:
     contour_width: int = 32
     stride: int = 1
     tile: int = 0
-    tile_halo: int = 128
+    tile_halo: int | str = 128
+    context_tol: float = 1e-3
+    tile_min: int = 0
+    band_width: int = 0
+    band_from: float = 0.5
+    fold_bn: bool = False
+    encoder_dtype: str | None = None
     channels_last: bool = False
     cudnn_benchmark: bool = False
     tf32: bool = False
@@ -98,27 +123,54 @@ class CascadeConfig:
             )
         if self.stride < 1:
             raise ValueError(f"stride must be >= 1 (1 = decode every pixel), got {self.stride}.")
-        if self.tile < 0 or self.tile_halo < 0:
+        if self.tile_halo != "auto" and (
+            not isinstance(self.tile_halo, int) or isinstance(self.tile_halo, bool)
+        ):
+            raise ValueError(f"tile_halo must be pixels (>= 0) or 'auto', got {self.tile_halo!r}.")
+        if self.tile < 0 or (self.tile_halo != "auto" and self.tile_halo < 0):
             raise ValueError(
                 f"tile and tile_halo must be >= 0, got {self.tile} and {self.tile_halo}."
             )
         if 0 < self.tile < 32:
             raise ValueError(f"tile must be 0 (off) or >= 32 input pixels, got {self.tile}.")
+        if self.tile_min < 0 or (self.tile_min > 0 and not 16 <= self.tile_min <= self.tile):
+            raise ValueError(
+                f"tile_min must be 0 (off) or in [16, tile={self.tile}] input pixels (it needs "
+                f"tile > 0), got {self.tile_min}."
+            )
+        if not 0 < self.context_tol < 1:
+            raise ValueError(f"context_tol must be in (0, 1), got {self.context_tol}.")
+        if self.band_width < 0 or self.band_from <= 0:
+            raise ValueError(
+                f"band_width must be >= 0 (0 = off) and band_from > 0, got {self.band_width} and "
+                f"{self.band_from}."
+            )
+        if self.encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(
+                f"encoder_dtype must be one of {ENCODER_DTYPES}, got {self.encoder_dtype!r}."
+            )
 
     @classmethod
     def recommended(cls) -> CascadeConfig:
         """The measured best trade-off for high-resolution images (``inference=fast``).
 
-        Strided-4 decoding inside the coarse mask's bounding box, the factorized decoder, and
-        tiled encoding with patched fusion (flat peak memory); see the README's benchmark.
+        Strided-4 factorized decoding, the last scale only in a 32 px band around its input
+        mask's boundary, tiles of at most 1024 px with the measured context radius as halo (cut
+        to the band at the last scale), BatchNorm folded, channels-last and a bf16 encoder where
+        the hardware has it; see the README's benchmark.
         """
         return cls(
             chunk_size=65536,
             decoder_factorized=True,
-            fusion_patch=64,
-            region="bbox",
             stride=4,
+            band_width=32,
+            band_from=1.0,
             tile=1024,
-            tile_halo=128,
+            tile_min=128,
+            tile_halo="auto",
+            fusion_patch=64,
+            fold_bn=True,
+            channels_last=True,
+            encoder_dtype="auto",
             tf32=True,
         )

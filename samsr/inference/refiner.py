@@ -9,6 +9,7 @@ truncated, not rounded.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from samsr.device import autocast, backend_flags, parse_dtype, resolve_device, synchronize
-from samsr.inference.cascade import CascadeConfig, refine
+from samsr.inference.cascade import CascadeConfig, refine, resolve_halo
+from samsr.inference.graph import folded_copy
 from samsr.models.crm import CRM
 
 __all__ = ["Refiner"]
@@ -71,6 +73,11 @@ class Refiner:
         self.model = model.to(self.device).eval()
         self.cascade = cascade or CascadeConfig.recommended()
         self.amp_dtype = parse_dtype(amp_dtype)
+        if self.cascade.fold_bn:  # an inference copy: ``model`` itself keeps its BatchNorms
+            self.model = folded_copy(self.model)
+        if self.cascade.tile > 0 and self.cascade.tile_halo == "auto":  # measured once, here
+            halo = resolve_halo(self.model, self.cascade)
+            self.cascade = dataclasses.replace(self.cascade, tile_halo=halo)
         if self.cascade.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # set to a dict to accumulate decoded-pixel / tile counts and call seconds (see refine);

@@ -178,7 +178,8 @@ class Fusion(nn.Module):
             x = torch.cat([above, concat[:, :, a:e], below], dim=2)
             if e < h:
                 above = concat[:, :, e - 1 : e].clone()  # needed by the next patch
-            y = F.conv2d(x, self.fuse_conv.weight, None, 1, (0, 1))  # rows padded explicitly
+            # rows padded explicitly; the bias is None unless BatchNorm was folded into it
+            y = F.conv2d(x, self.fuse_conv.weight, self.fuse_conv.bias, 1, (0, 1))
             del x
             out[:, :, a:e] = self.dropout(self.relu(self.fuse_bn(y)))
             del y
