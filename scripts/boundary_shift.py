@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|" + "---|" * len(WITHIN))
     for group in groups:
         for item in group.items:
-            image = torch.from_numpy(read_image(item.image)).permute(2, 0, 1)[None]
-            coarse = torch.from_numpy(np.ascontiguousarray(read_coarse_mask(item.coarse)))[None, None]
             device = refiner.device
-            shifts = boundary_shift(refiner.model, image.to(device), coarse.to(device), refiner.cascade)
+            image = torch.from_numpy(read_image(item.image)).permute(2, 0, 1)[None].to(device)
+            coarse = np.ascontiguousarray(read_coarse_mask(item.coarse))
+            coarse_t = torch.from_numpy(coarse)[None, None].to(device)
+            shifts = boundary_shift(refiner.model, image, coarse_t, refiner.cascade)
             for s in shifts:
                 within = " | ".join(f"{100 * s.within[k]:.2f} %" for k in WITHIN)
                 print(
