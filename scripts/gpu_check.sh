@@ -7,7 +7,8 @@
 #    scripts/gpu_prepare.sh): hydra-core, omegaconf, segment-anything, pytest, then samsr itself
 #    (editable, --no-deps: the machine's own torch stays). Skipped with --skip-install.
 # 2. python3 -m pytest -m gpu -q (tests/test_gpu.py and the other gpu-marked tests).
-# 3. A short benchmark: faithful vs fast on one 2048x1536 synthetic image, random weights.
+# 3. A short benchmark: faithful vs fast on synthetic 2048x1536 and 4000x3000 images with a
+#    ResNet-50 CRM (random weights, or SAMSR_BENCH_CKPT: e.g. a carried quickstart_r50 checkpoint).
 # Everything goes to $OUT/gpu_check.log when OUT is set (the benchmark to $OUT/benchmark), else
 # to outputs/gpu_check/<date>_<time>/. No weights or data are needed.
 #
@@ -15,7 +16,9 @@
 #   PYTHON [python3]                the interpreter to test and install into
 #   SAMSR_TEST_DEVICE [cuda]        device of the tests; cpu runs the tier on the CPU
 #   SAMSR_BENCH_DEVICE [= SAMSR_TEST_DEVICE]
-#   SAMSR_BENCH_SIZES [2048x1536]   e.g. 256x192 for a quick CPU try
+#   SAMSR_BENCH_SIZES [2048x1536 4000x3000]   e.g. 256x192 for a quick CPU try
+#   SAMSR_BENCH_CKPT []             a checkpoint to benchmark instead of random weights
+#   SAMSR_BENCH_BACKBONE [resnet50] the random-weights encoder
 #   SAMSR_BENCH_VARIANTS [faithful fast]
 #   SAMSR_BENCH_TIMEOUT [300]       seconds per benchmark worker
 #   SAMSR_WHEELS [.device/wheels]   SAMSR_SKIP_INSTALL=1 / SAMSR_BENCH=0: as the flags
@@ -36,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --skip-install) skip_install=1 ;;
         --no-bench) bench=0 ;;
-        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 3 ;;
     esac
     shift
@@ -154,10 +157,12 @@ main() {
     if [[ "$bench" != 0 ]]; then
         t=$SECONDS
         local sizes variants
-        read -r -a sizes <<<"${SAMSR_BENCH_SIZES:-2048x1536}"
+        read -r -a sizes <<<"${SAMSR_BENCH_SIZES:-2048x1536 4000x3000}"
         read -r -a variants <<<"${SAMSR_BENCH_VARIANTS:-faithful fast}"
-        say "benchmark: ${variants[*]} at ${sizes[*]} on $bench_device (random weights)"
-        "$PY" scripts/benchmark.py --random-weights --sizes "${sizes[@]}" --num-images 1 \
+        local weights=(--random-weights --backbone "${SAMSR_BENCH_BACKBONE:-resnet50}")
+        [[ -n "${SAMSR_BENCH_CKPT:-}" ]] && weights=(--ckpt "$SAMSR_BENCH_CKPT")
+        say "benchmark: ${variants[*]} at ${sizes[*]} on $bench_device (${weights[*]})"
+        "$PY" scripts/benchmark.py "${weights[@]}" --sizes "${sizes[@]}" --num-images 1 \
             --variants "${variants[@]}" --device "$bench_device" --no-keep-masks \
             --timeout "${SAMSR_BENCH_TIMEOUT:-300}" --out "$out_dir/benchmark"
         rc_bench=$?

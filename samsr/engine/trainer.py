@@ -3,6 +3,7 @@ process or many (DistributedDataParallel under ``torchrun``, see :mod:`samsr.dis
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from samsr.device import autocast, backend_flags
+from samsr.device import autocast, backend_flags, native_bf16
 from samsr.distributed import DistContext, DistributedError, all_gather_objects
 from samsr.engine.checkpoint import (
     atomic_torch_save,
@@ -47,6 +48,8 @@ class TrainSettings:
     accumulate: int = 1  # forward/backward passes per step and rank
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (CUDA only)
     num_workers: int = 4
+    # null | bfloat16 | float16 | auto (bfloat16 on CUDA with bf16 and CPUs with AVX512-BF16/AMX,
+    # float32 elsewhere, where bf16 is emulated and far slower)
     amp_dtype: str | None = None
     cudnn_benchmark: bool = True
     tf32: bool = True
@@ -201,6 +204,10 @@ class Trainer:
         self.loss_fn = loss_fn.to(device)
         self.optimizer = build_optimizer(model, optimizer_factory)
         self.scheduler = scheduler_factory(self.optimizer)
+        if settings.amp_dtype == "auto":  # bf16 only where it is native, else float32
+            settings = dataclasses.replace(
+                settings, amp_dtype="bfloat16" if native_bf16(device) else None
+            )
         use_scaler = device.type == "cuda" and settings.amp_dtype == "float16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.stream = SampleStream(dataset, seed)

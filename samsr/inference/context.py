@@ -141,8 +141,12 @@ def context_halo(model: CRM, tol: float = 1e-3) -> int:
     """The measured tile halo of ``model`` (:meth:`ContextRadius.halo`), cached per model.
 
     The measurement (two encoder passes over a 128 x 768 input) runs once per model and ``tol``;
-    the cache is not invalidated if the weights change afterwards.
+    the cache is not invalidated if the weights change afterwards. A model with a
+    ``context_radius_px`` attribute (SAM-SR v3: an exact receptive field) gives it instead.
     """
+    exact = getattr(model, "context_radius_px", None)
+    if exact is not None:
+        return -(-int(exact) // _ALIGN) * _ALIGN
     per_model = _CACHE.setdefault(model, {})
     if tol not in per_model:
         per_model[tol] = measure_context(model, tol)

@@ -73,6 +73,10 @@ class SamCRM(CRM):
     """
 
     guided = True  # the cascade computes the SAM embedding once and passes guides per scale
+    # input px a tile's features need around them (``inference.tile_halo=auto``): the local
+    # encoder's receptive radius (9: four 3x3 convs, one of stride 2 and one of dilation 2) plus
+    # the fuser's two 3x3 convs at stride 2 (4); the SAM tokens are sampled for the window itself
+    context_radius_px = 13
 
     def __init__(
         self,
