@@ -257,3 +257,24 @@ def test_pixels_outside_the_band_keep_the_previous_scale_bit_for_bit(tiled: bool
     band = contour_region(first[0, 0] >= 0.5, band_width_px(6, 1.0))
     assert torch.equal(both[0, 0][~band], first[0, 0][~band])  # skipped: untouched
     assert bool((both[0, 0][band] != first[0, 0][band]).any())  # decoded: moved
+
+
+def test_band_stride_decodes_every_band_pixel_of_the_last_scale() -> None:
+    model = _corrector()
+    image, coarse = _inputs(80, 96)
+    head: dict[str, float] = {}
+    refine(model, image, coarse, CascadeConfig(scales=(0.5,), stride=4), timings=head)
+    counts, inputs = {}, {}
+    for band_stride in (0, 1):
+        cfg = CascadeConfig(
+            scales=(0.5, 1.0), stride=4, band_width=6, band_from=1.0, band_stride=band_stride
+        )
+        timings: dict[str, float] = {}
+
+        def keep(scale: float, prob: torch.Tensor) -> None:
+            inputs.setdefault(scale, prob[0, 0].clone())
+
+        refine(model, image, coarse, cfg, timings=timings, on_scale=keep)
+        counts[band_stride] = timings["decoded_px"] - head["decoded_px"]
+    band = contour_region(inputs[0.5] >= 0.5, band_width_px(6, 1.0))  # on the padded grid
+    assert counts[1] == int(band.sum()) > counts[0]

@@ -125,8 +125,13 @@ class CountingDecoder:
         return self.field[ys, xs]
 
 
-def _expected_strided(field: np.ndarray, stride: int) -> np.ndarray:
-    """The rule spelt out with loops: grid + pixels of cells whose four corners disagree."""
+def _side(p: float, margin: float) -> int:
+    return 0 if p < 0.5 - margin else 2 if p >= 0.5 + margin else 1  # 1: uncertain
+
+
+def _expected_strided(field: np.ndarray, stride: int, margin: float = 0.0) -> np.ndarray:
+    """The rule spelt out with loops: grid + pixels of cells whose four corners disagree (or,
+    with a margin, any of them is uncertain)."""
     h, w = field.shape
     rows = list(range(0, h, stride)) + ([h - 1] if (h - 1) % stride else [])
     cols = list(range(0, w, stride)) + ([w - 1] if (w - 1) % stride else [])
@@ -136,8 +141,10 @@ def _expected_strided(field: np.ndarray, stride: int) -> np.ndarray:
             decoded[r, c] = True
     for i in range(len(rows) - 1):
         for j in range(len(cols) - 1):
-            corners = [field[rows[i + a], cols[j + b]] >= 0.5 for a in (0, 1) for b in (0, 1)]
-            if len(set(corners)) > 1:
+            corners = [
+                _side(field[rows[i + a], cols[j + b]], margin) for a in (0, 1) for b in (0, 1)
+            ]
+            if len(set(corners)) > 1 or 1 in corners:
                 # pixels of this cell: rows [r0, r1) (the last cell also holds row r1), same cols
                 r_end = rows[i + 1] + 1 if i == len(rows) - 2 else rows[i + 1]
                 c_end = cols[j + 1] + 1 if j == len(cols) - 2 else cols[j + 1]
@@ -145,16 +152,17 @@ def _expected_strided(field: np.ndarray, stride: int) -> np.ndarray:
     return decoded
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.4])
 @pytest.mark.parametrize("stride", [2, 3, 4, 8])
-def test_strided_decodes_exactly_the_disagreeing_cells(stride: int) -> None:
+def test_strided_decodes_exactly_the_disagreeing_cells(stride: int, margin: float) -> None:
     h, w = 37, 50
     yy, xx = np.mgrid[0:h, 0:w]
     field = 1 / (1 + np.exp(-(((yy - 17) ** 2 + (xx - 21) ** 2) ** 0.5 - 11)))  # a ring edge
     field[3:5, 40:42] = 1.0  # a blob smaller than a cell: found only if a corner hits it
     decoder = CountingDecoder(torch.from_numpy(field).float())
     prob = torch.full((h, w), 0.25)
-    n = strided_fill(decoder, prob, None, stride)
-    expected = _expected_strided(field, stride)
+    n = strided_fill(decoder, prob, None, stride, margin=margin)
+    expected = _expected_strided(field, stride, margin)
     assert bool((decoder.seen <= 1).all())  # nothing decoded twice
     assert np.array_equal(decoder.seen.numpy() == 1, expected)
     assert n == int(expected.sum())

@@ -52,6 +52,7 @@ __all__ = [
     "in_band",
     "refine",
     "resolve_halo",
+    "scale_stride",
     "scaled_size",
 ]
 
@@ -264,9 +265,16 @@ def resolve_halo(model: CRM, cfg: CascadeConfig) -> int:
     return int(cfg.tile_halo)
 
 
-def _fill(decode: PixelDecoder, prob: Tensor, region: Tensor | None, cfg: CascadeConfig) -> int:
-    if cfg.stride > 1:
-        return strided_fill(decode, prob, region, cfg.stride, cfg.chunk_size)
+def scale_stride(cfg: CascadeConfig, scale: float) -> int:
+    """The decoding stride at ``scale``: ``band_stride`` in the band (when set), else ``stride``."""
+    return cfg.band_stride if in_band(cfg, scale) and cfg.band_stride > 0 else cfg.stride
+
+
+def _fill(
+    decode: PixelDecoder, prob: Tensor, region: Tensor | None, stride: int, cfg: CascadeConfig
+) -> int:
+    if stride > 1:
+        return strided_fill(decode, prob, region, stride, cfg.chunk_size, cfg.stride_margin)
     return decode_region(decode, prob, region, cfg.chunk_size)
 
 
@@ -282,7 +290,10 @@ def _refine(
 ) -> Tensor:
     _, _, h, w = image.shape
     device = image.device
-    sparse = cfg.region != "full" or cfg.stride > 1 or cfg.tile > 0 or cfg.band_width > 0
+    sparse = (
+        cfg.region != "full" or max(cfg.stride, cfg.band_stride) > 1 or cfg.tile > 0
+        or cfg.band_width > 0
+    )  # fmt: skip
     halo = resolve_halo(model, cfg) if cfg.tile > 0 else 0
     enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
     # prob: the previous scale's probability; pixels that are not decoded keep it
@@ -331,8 +342,8 @@ def _refine(
         add("encode", tick() - t0)
         if cfg.tile > 0:
             n = _refine_tiles(
-                model, static, mask, prob, scale_region, size, cfg, halo, enc_dtype, add, tick,
-                guide,
+                model, static, mask, prob, scale_region, size, cfg, halo, enc_dtype,
+                scale_stride(cfg, scale), add, tick, guide,
             )  # fmt: skip
             del mask, scale_region
             add("decoded_px", n)
@@ -344,13 +355,14 @@ def _refine(
             feat = encode_at_scale(
                 model, static, mask, size, cfg.fusion_patch, cfg.channels_last, guide
             )
-        feat = feat.float()
+        if enc_dtype is not None:  # the decoder reads float32 features
+            feat = feat.float()
         prior = mask if model.decoder.pixel_prior else None  # the mask at full resolution
         del mask
         t1 = tick()
         if sparse:
             decode = PixelDecoder(model, feat, (hp, wp), cfg.chunk_size, prior=prior)
-            n = _fill(decode, prob[0, 0], scale_region, cfg)
+            n = _fill(decode, prob[0, 0], scale_region, scale_stride(cfg, scale), cfg)
             del decode
         else:
             prob = decode_full(model, feat, (hp, wp), cfg.chunk_size, out=prob, prior=prior)
@@ -379,6 +391,7 @@ def _refine_tiles(
     cfg: CascadeConfig,
     halo: int,
     enc_dtype: torch.dtype | None,
+    stride: int,
     add: Callable[[str, float], None],
     tick: Callable[[], float],
     guide: Any = None,
@@ -410,7 +423,8 @@ def _refine_tiles(
             feat, (fy, fx) = model.encode_window(
                 x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch, **_guide_kwargs(guide)
             )
-        feat = feat.float()
+        if enc_dtype is not None:  # the decoder reads float32 features
+            feat = feat.float()
         del x
         t1 = tick()
         full_h, full_w = model.encoder.level_sizes(*size)[0]
@@ -424,7 +438,7 @@ def _refine_tiles(
             prior=mask if model.decoder.pixel_prior else None,
         )
         del feat
-        decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, cfg)
+        decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, stride, cfg)
         del decode
         add("encode", t1 - t0)
         add("decode", tick() - t1)

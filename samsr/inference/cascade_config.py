@@ -43,6 +43,9 @@ class CascadeConfig:
         stride: n > 1 decodes every n-th pixel of each axis (plus the last row/column), then
             every other pixel whose grid cell's four decoded corners disagree (>= 0.5 or not);
             pixels of agreeing cells take the bilinear interpolation of the corners. 1 = all.
+        stride_margin: not in the thesis: with ``stride`` > 1, a cell is interpolated only if
+            its four corners are also confident (all below ``0.5 - stride_margin`` or all from
+            ``0.5 + stride_margin``); soft transitions are decoded. 0 = the thesis's rule.
         tile: > 0 runs encoder, fusion and decoding in tiles of ``tile`` x ``tile`` input pixels
             (at each scale) with ``tile_halo`` pixels of context on each side, so peak memory no
             longer grows with the image; tiles holding no pixel to decode are skipped. 0 = off.
@@ -61,6 +64,9 @@ class CascadeConfig:
             scale's input) of the boundary of that scale's input mask, and (tiled) encodes only
             tiles holding some of it; earlier scales use ``region``. 0 = off.
         band_from: the first scale decoded in a band.
+        band_stride: > 0: the decoding stride at band scales (e.g. 1: every band pixel at the
+            last scale, whose values are the output, while ``stride`` thins the earlier scales,
+            whose values only feed the next one); 0 = ``stride``.
         fold_bn: fold every BatchNorm into the convolution before it, in an inference copy of
             the model (:mod:`samsr.inference.graph`; float rounding).
         encoder_dtype: None (the network's dtype), ``"bfloat16"``/``"float16"`` (autocast of
@@ -87,12 +93,14 @@ class CascadeConfig:
     bbox_margin: int = 64
     contour_width: int = 32
     stride: int = 1
+    stride_margin: float = 0.0
     tile: int = 0
     tile_halo: int | str = 128
     context_tol: float = 1e-3
     tile_min: int = 0
     band_width: int = 0
     band_from: float = 0.5
+    band_stride: int = 0
     fold_bn: bool = False
     encoder_dtype: str | None = None
     channels_last: bool = False
@@ -145,6 +153,10 @@ class CascadeConfig:
                 f"band_width must be >= 0 (0 = off) and band_from > 0, got {self.band_width} and "
                 f"{self.band_from}."
             )
+        if not 0 <= self.stride_margin < 0.5:
+            raise ValueError(f"stride_margin must be in [0, 0.5), got {self.stride_margin}.")
+        if self.band_stride < 0:
+            raise ValueError(f"band_stride must be >= 0 (0 = stride), got {self.band_stride}.")
         if self.encoder_dtype not in ENCODER_DTYPES:
             raise ValueError(
                 f"encoder_dtype must be one of {ENCODER_DTYPES}, got {self.encoder_dtype!r}."
@@ -154,18 +166,21 @@ class CascadeConfig:
     def recommended(cls) -> CascadeConfig:
         """The measured best trade-off for high-resolution images (``inference=fast``).
 
-        Strided-4 factorized decoding, the last scale only in a 32 px band around its input
-        mask's boundary, tiles of at most 1024 px with the measured context radius as halo (cut
-        to the band at the last scale), BatchNorm folded, channels-last and a bf16 encoder where
-        the hardware has it; see the README's benchmark.
+        Strided-4 factorized decoding (soft transitions decoded, not interpolated), the last
+        scale only in a 32 px band around its input
+        mask's boundary and every pixel there, tiles of at most 768 px with the measured context
+        radius as halo (cut to the band at the last scale), BatchNorm folded, channels-last and
+        a bf16 encoder where the hardware has it; see the README's benchmark.
         """
         return cls(
             chunk_size=65536,
             decoder_factorized=True,
             stride=4,
+            stride_margin=0.4,
             band_width=32,
             band_from=1.0,
-            tile=1024,
+            band_stride=1,
+            tile=768,
             tile_min=128,
             tile_halo="auto",
             fusion_patch=64,

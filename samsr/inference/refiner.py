@@ -58,7 +58,9 @@ class Refiner:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a torch device.
         cascade: cascade settings; default :meth:`CascadeConfig.recommended` (fast, bounded
             memory). Pass ``CascadeConfig()`` for the reference protocol (what evaluation
-            uses through ``inference=faithful``).
+            uses through ``inference=faithful``). With ``fold_bn`` the refiner runs a copy of
+            ``model`` with BatchNorm folded; with ``tile_halo="auto"`` the model's context
+            radius is measured here, once (see :attr:`cascade` for the resolved settings).
         amp_dtype: None (float32), ``"bfloat16"`` or ``"float16"``: autocast for the network.
     """
 

@@ -134,6 +134,7 @@ def strided_fill(
     region: Tensor | None,
     stride: int,
     chunk_size: int = 2**18,
+    margin: float = 0.0,
 ) -> int:
     """Strided decoding of a window (thesis 3.1, "strided n").
 
@@ -142,6 +143,10 @@ def strided_fill(
        columns; a pixel on a grid line belongs to the cell below / to the right). If the cell's
        four corners disagree (some >= 0.5, some not), the pixel is decoded; otherwise it takes
        the bilinear interpolation of the four corner values (all on the same side of 0.5).
+
+    With ``margin`` > 0 (not in the thesis), the corners must also be confident: a cell is
+    interpolated only if all four are below ``0.5 - margin`` or all from ``0.5 + margin``, so
+    soft transitions, which the next scale reads as its input mask, are decoded too.
 
     With a ``region``, only its pixels are changed; grid corners outside it keep their previous
     value and still take part in the agreement test.
@@ -152,6 +157,7 @@ def strided_fill(
         region: h x w bool (None: every pixel).
         stride: n >= 2.
         chunk_size: bounds the size of each ``decode`` call.
+        margin: confidence margin of the agreement test in [0, 0.5) (0: the thesis's rule).
 
     Returns:
         Number of pixels decoded.
@@ -171,9 +177,12 @@ def strided_fill(
     count = _decode_into(decode, prob, gy, gx, chunk_size)
     corners = prob[rows][:, cols]  # gh x gw: decoded, or previous outside the region
     # 2. agreement per cell
-    lab = corners >= 0.5
+    # a corner's side: 0 below 0.5 - margin, 2 from 0.5 + margin, 1 between (never agrees)
+    lab = (corners >= 0.5 + margin).to(torch.uint8) * 2
+    if margin > 0:
+        lab[(corners >= 0.5 - margin) & (corners < 0.5 + margin)] = 1
     a, b, c, d = lab[:-1, :-1], lab[:-1, 1:], lab[1:, :-1], lab[1:, 1:]
-    disagree = (a != b) | (a != c) | (a != d)  # (gh - 1) x (gw - 1)
+    disagree = (a != b) | (a != c) | (a != d) | (a == 1)  # (gh - 1) x (gw - 1)
     cy, ty = _cells(h, rows)
     cx, tx = _cells(w, cols)
     on_grid = torch.zeros((h, w), dtype=torch.bool, device=dev)
