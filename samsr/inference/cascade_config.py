@@ -166,22 +166,18 @@ class CascadeConfig:
     def recommended(cls) -> CascadeConfig:
         """The measured best trade-off for high-resolution images (``inference=fast``).
 
-        Strided-4 factorized decoding (soft transitions decoded, not interpolated), the last
-        scale only in a 32 px band around its input
-        mask's boundary and every pixel there, tiles of at most 768 px with the measured context
-        radius as halo (cut to the band at the last scale), BatchNorm folded, channels-last and
-        a bf16 encoder where the hardware has it; see the README's benchmark.
+        Strided-4 factorized decoding of every scale over the whole image (soft transitions
+        decoded, not interpolated), tiles of at most 384 px with the measured context radius as
+        halo, BatchNorm folded, channels-last and a bf16 encoder where the hardware has it; no
+        band (how far the last scale moves the boundary is the model's); see the README's
+        benchmark.
         """
         return cls(
             chunk_size=65536,
             decoder_factorized=True,
             stride=4,
             stride_margin=0.4,
-            band_width=32,
-            band_from=1.0,
-            band_stride=1,
-            tile=768,
-            tile_min=128,
+            tile=384,
             tile_halo="auto",
             fusion_patch=64,
             fold_bn=True,
