@@ -28,6 +28,7 @@ from samsr.data.layouts import pair_for_refinement
 from samsr.engine.builders import build_model, to_container
 from samsr.engine.checkpoint import CheckpointError, atomic_torch_save, training_state
 from samsr.engine.loading import checkpoint_model_config, load_refiner, resolve_model_config
+from samsr.errors import ConfigError
 from samsr.visualize import disagreement_window, draw_boundary, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,6 +296,11 @@ def test_eval_discovers_coarse_sources_in_a_folder(tmp_path):
     cfg = compose_config("eval", ["data=folder", f"data.root={root}", "ckpt_path=x"], tmp_path)
     sets = build_eval_datasets(cfg.data, "test")
     assert sorted(sets) == ["another", "my_segmentor"] and len(sets["another"]) == 2
+    assert list(build_eval_datasets(cfg.data, "test", sources=["another"])) == ["another"]
+    with pytest.raises(
+        ConfigError, match=r"eval.sources=\['pspnet'\].*\['another', 'my_segmentor'\]"
+    ):
+        build_eval_datasets(cfg.data, "test", sources=["pspnet"])
     big = compose_config("eval", ["data=big", f"data.root={root}", "ckpt_path=x"], tmp_path)
     assert list(big.data.test.coarse_dirs) == ["fcn8s", "deeplabv3plus", "refinenet", "pspnet"]
 

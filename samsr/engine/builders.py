@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import logging
 import pickle
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -255,11 +256,14 @@ def build_sam_refiner(
 
 
 def build_eval_datasets(
-    data_cfg: DictConfig, split: str, max_images: int | None = None
+    data_cfg: DictConfig,
+    split: str,
+    max_images: int | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, EvalDataset]:
     """One BIG-layout dataset per coarse source of ``data.<split>``: its ``coarse_dirs``, or
     when it names none, every folder of ``<split>_coarse/`` (:func:`find_coarse_sources`), else
-    the ``_seg.png`` files beside the images."""
+    the ``_seg.png`` files beside the images; only those named in ``sources`` (None: all)."""
     split_cfg = data_cfg.get(split)
     if split not in ("val", "test") or not split_cfg:
         raise ConfigError(f"data={data_cfg.get('name')} has no '{split}' split (use val or test)")
@@ -267,6 +271,15 @@ def build_eval_datasets(
     if not coarse_dirs:
         coarse_dirs = find_coarse_sources(split_cfg.split_dir) or {None: None}
         log.info("data.%s coarse sources: %s", split, ", ".join(map(str, coarse_dirs)))
+    if sources is not None:
+        names = [str(source or "seg") for source in coarse_dirs]
+        unknown = [s for s in sources if s not in names]
+        if unknown or not sources:
+            raise ConfigError(
+                f"eval.sources={list(sources)}: data.{split} has the coarse sources {names}; "
+                "name some of them, or null for all"
+            )
+        coarse_dirs = {k: v for k, v in coarse_dirs.items() if str(k or "seg") in sources}
     return {
         str(source or "seg"): EvalDataset(
             split_cfg.split_dir,

@@ -261,7 +261,9 @@ def _train(cfg: DictConfig, ctx: DistContext, device: torch.device) -> dict[str,
 
     test_sets = None
     if cfg.get("test_after_training") and cfg.data.get("test") and not segmentation:
-        test_sets = build_eval_datasets(cfg.data, "test", cfg.eval.get("max_images"))
+        test_sets = build_eval_datasets(
+            cfg.data, "test", cfg.eval.get("max_images"), cfg.eval.get("sources")
+        )
 
     _precompute_sam_inputs(cfg, device, ctx)
     dataset = build_train_dataset(cfg.data, cfg.model)
@@ -340,7 +342,9 @@ def run_eval(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         segmentation = task_of(cfg.model) == "segmentation"  # scored per image, no coarse
         datasets = None
         if not segmentation:  # every source found and checked before the checkpoint is read
-            datasets = build_eval_datasets(cfg.data, str(cfg.split), cfg.eval.get("max_images"))
+            datasets = build_eval_datasets(
+                cfg.data, str(cfg.split), cfg.eval.get("max_images"), cfg.eval.get("sources")
+            )
         cfg, model = _checkpoint_model(cfg, overrides)
         out_dir = Path(distributed.broadcast_object(str(cfg.paths.output_dir)))
         if datasets is not None:
