@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -52,6 +53,15 @@ TINY_PSPNET = [
     "model.inference.window=48",
     "model.inference.size=64",
 ]
+
+
+def disk_inputs(h: int, w: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random 1 x 3 x h x w image in [0, 1) and a 1 x 1 x h x w float disk mask (0/1)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, h, w, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    disk = ((yy - h * 0.45) ** 2 + (xx - w * 0.55) ** 2) < (min(h, w) * 0.3) ** 2
+    return image, disk.float()[None, None]
 
 
 def tiny_overrides(name: str, extra: list[str]) -> list[str]:

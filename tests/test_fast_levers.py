@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import disk_inputs
 
 from samsr.device import native_bf16, resolve_dtype
 from samsr.engine.boundary_shift import boundary_shift, label_distance
@@ -20,14 +21,6 @@ from samsr.inference.regions import contour_region
 from samsr.inference.tiling import plan_region_tiles, plan_tiles, region_cells
 from samsr.models import CRM, build_crm
 from samsr.models.components.guided_encoder import LocalEncoder
-
-
-def _inputs(h: int, w: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(1, 3, h, w, generator=g)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    disk = ((yy - h * 0.45) ** 2 + (xx - w * 0.55) ** 2) < (min(h, w) * 0.3) ** 2
-    return image, disk.float()[None, None]
 
 
 def _random_bn(model: torch.nn.Module) -> None:
@@ -78,7 +71,7 @@ def test_folded_batchnorm_equals_unfolded(backbone: str, pairs: int) -> None:
     assert fold_batchnorm(counted) == pairs
     # the original keeps its BatchNorms and its function
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == pairs + 3
-    image, coarse = _inputs(90, 70)
+    image, coarse = disk_inputs(90, 70)
     for cfg in (CascadeConfig(scales=(0.5, 1.0)), CascadeConfig(scales=(0.5, 1.0), tile=32)):
         a = refine(model, image, coarse, cfg)
         b = refine(folded, image, coarse, cfg)
@@ -99,7 +92,7 @@ def test_fold_batchnorm_sequential_pairs_and_refuses_train_mode() -> None:
 
 
 def test_refiner_fold_bn_leaves_the_callers_model_alone(model: CRM) -> None:
-    image, coarse = _inputs(45, 61)
+    image, coarse = disk_inputs(45, 61)
     plain = Refiner(model, cascade=CascadeConfig(scales=(0.5, 1.0)))
     folded = Refiner(model, cascade=CascadeConfig(scales=(0.5, 1.0), fold_bn=True))
     assert folded.model is not model and plain.model is model
@@ -116,7 +109,7 @@ def test_bf16_encoder_agrees_with_fp32(model: CRM) -> None:
     """Tolerance: bf16 keeps 8 significant bits, so features differ by ~1 % and probabilities
     by a few hundredths at most; labels agree except at probabilities near 0.5. (Small inputs:
     bf16 is emulated, and slow, on CPUs without AVX512-BF16.)"""
-    image, coarse = _inputs(40, 52)
+    image, coarse = disk_inputs(40, 52)
     ref = refine(model, image, coarse, CascadeConfig(scales=(1.0,)))
     for kw in ({}, {"tile": 32, "tile_halo": 16}):
         out = refine(
@@ -162,7 +155,7 @@ def test_auto_halo_is_resolved_once_by_the_refiner(model: CRM) -> None:
     refiner = Refiner(model, cascade=CascadeConfig(scales=(0.5, 1.0), tile=64, tile_halo="auto"))
     halo = refiner.cascade.tile_halo
     assert isinstance(halo, int) and halo % 8 == 0 and halo == measure_context(model).halo
-    image, coarse = _inputs(70, 150)
+    image, coarse = disk_inputs(70, 150)
     assert refiner.refine_tensor(image, coarse).shape == coarse.shape
     with pytest.raises(ValueError, match="tile_halo"):
         CascadeConfig(tile_halo="big")
@@ -227,7 +220,7 @@ def test_band_holds_every_pixel_faithful_changes() -> None:
     """The band of the measured width decodes every pixel faithful changes: with a band at the
     last scale only, the labels are faithful's exactly."""
     model = _corrector(std=1.0, prior_scale=1.0)
-    image, coarse = _inputs(96, 120)
+    image, coarse = disk_inputs(96, 120)
     cfg = CascadeConfig(scales=(0.5, 1.0))
     shifts = boundary_shift(model, image, coarse, cfg)
     last = shifts[-1]
@@ -248,7 +241,7 @@ def test_band_holds_every_pixel_faithful_changes() -> None:
 @pytest.mark.parametrize("tiled", [False, True])
 def test_pixels_outside_the_band_keep_the_previous_scale_bit_for_bit(tiled: bool) -> None:
     model = _corrector(std=0.5)
-    image, coarse = _inputs(96, 130)
+    image, coarse = disk_inputs(96, 130)
     tiles = {"tile": 32, "tile_min": 16, "tile_halo": 40} if tiled else {}
     first = refine(model, image, coarse, CascadeConfig(scales=(0.5,), **tiles))
     both = refine(
@@ -261,7 +254,7 @@ def test_pixels_outside_the_band_keep_the_previous_scale_bit_for_bit(tiled: bool
 
 def test_band_stride_decodes_every_band_pixel_of_the_last_scale() -> None:
     model = _corrector()
-    image, coarse = _inputs(80, 96)
+    image, coarse = disk_inputs(80, 96)
     head: dict[str, float] = {}
     refine(model, image, coarse, CascadeConfig(scales=(0.5,), stride=4), timings=head)
     counts, inputs = {}, {}

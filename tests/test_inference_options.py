@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import disk_inputs
 
 from samsr.engine.builders import ConfigError, cascade_config
 from samsr.engine.configs import CONFIG_DIR
@@ -17,14 +18,6 @@ from samsr.models import CRM
 from samsr.models.components.fusion import Fusion
 
 CONFIGS = CONFIG_DIR
-
-
-def _inputs(h: int, w: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(1, 3, h, w, generator=g)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    disk = ((yy - h * 0.45) ** 2 + (xx - w * 0.55) ** 2) < (min(h, w) * 0.3) ** 2
-    return image, disk.float()[None, None]
 
 
 # ------------------------------------------------------------------ patched fusion
@@ -59,7 +52,7 @@ def test_patched_fusion_empties_the_list_and_rejects_bad_patch() -> None:
 def test_patched_cascade_output_identical(model: CRM) -> None:
     """Bit-equal where the conv library picks the same kernel for patch and map (large maps);
     on tiny maps (first scales here) it may pick another, which changes rounding only."""
-    image, coarse = _inputs(75, 58)
+    image, coarse = disk_inputs(75, 58)
     ref = refine(model, image, coarse, CascadeConfig())
     out = refine(model, image, coarse, CascadeConfig(fusion_patch=5))
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
@@ -91,7 +84,7 @@ def test_scaled_window_matches_full_resize() -> None:
 
 def test_tiled_encoding_equals_untiled_within_tolerance(model: CRM) -> None:
     """With a halo beyond ResNet-18's receptive field (~100 px) tiles only differ by rounding."""
-    image, coarse = _inputs(150, 131)
+    image, coarse = disk_inputs(150, 131)
     ref = refine(model, image, coarse, CascadeConfig())
     out = refine(model, image, coarse, CascadeConfig(tile=64, tile_halo=128))
     assert (out - ref).abs().max().item() < 1e-5
@@ -209,7 +202,7 @@ def test_bbox_and_contour_regions() -> None:
 @pytest.mark.parametrize("region", ["bbox", "contour"])
 def test_regions_leave_every_outside_pixel_untouched(model: CRM, region: str) -> None:
     h, w = 97, 83
-    image, coarse = _inputs(h, w)
+    image, coarse = disk_inputs(h, w)
     coarse = coarse * 0.9 + 0.05  # soft values: "untouched" must mean bit-equal
     pad = 32
     label = pad_reflect(coarse, pad)[0, 0] >= 0.5
@@ -239,7 +232,7 @@ COMBOS = [
 @pytest.mark.parametrize("size", [(67, 45), (41, 90)])
 @pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_options_combine_at_odd_sizes(model: CRM, kw: dict, size: tuple[int, int]) -> None:
-    image, coarse = _inputs(*size)
+    image, coarse = disk_inputs(*size)
     ref = refine(model, image, coarse, CascadeConfig(scales=(0.5, 1.0)))
     timings: dict[str, float] = {}
     out = refine(model, image, coarse, CascadeConfig(scales=(0.5, 1.0), **kw), timings=timings)
@@ -250,7 +243,7 @@ def test_options_combine_at_odd_sizes(model: CRM, kw: dict, size: tuple[int, int
 
 
 def test_refiner_uint8_path_matches_float_path(model: CRM) -> None:
-    image, coarse = _inputs(53, 47)
+    image, coarse = disk_inputs(53, 47)
     img8 = (image[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
     coarse8 = (coarse[0, 0] * 255).to(torch.uint8).numpy()
     refiner = Refiner(model, cascade=CascadeConfig(scales=(0.5, 1.0)))
@@ -262,7 +255,7 @@ def test_refiner_uint8_path_matches_float_path(model: CRM) -> None:
 
 
 def test_padded_inputs_equal_pad_of_normalized(model: CRM) -> None:
-    image, coarse = _inputs(70, 45)
+    image, coarse = disk_inputs(70, 45)
     static, mask, prob = _padded_inputs(model, image, coarse, None, 32, True, band_rows=16)
     x = pad_reflect(model.normalize_inputs(image, coarse), 32)
     assert torch.equal(static, x[:, :3]) and torch.equal(mask, x[:, 3:4])
@@ -312,7 +305,7 @@ def test_timed_runs_never_synchronise_per_stage(model: CRM, monkeypatch) -> None
 
     syncs: list[object] = []
     monkeypatch.setattr(cascade, "synchronize", lambda device: syncs.append(device))
-    image, coarse = _inputs(67, 45)
+    image, coarse = disk_inputs(67, 45)
     cfg = CascadeConfig(scales=(0.5, 1.0), tile=32, tile_halo=8)
     counts: dict[str, float] = {}
     plain = refine(model, image, coarse, cfg, timings=counts)
@@ -331,7 +324,7 @@ def test_residual_model_tiles_and_decodes_regions_like_untiled(prior: str) -> No
     model = build_crm("resnet18", residual=True, residual_prior=prior).eval()
     with torch.no_grad():
         model.decoder.mlp[-1].weight.normal_(std=0.1)  # a trained-looking correction
-    image, coarse = _inputs(150, 131)
+    image, coarse = disk_inputs(150, 131)
     ref = refine(model, image, coarse, CascadeConfig())
     tiled = refine(model, image, coarse, CascadeConfig(tile=64, tile_halo=128))
     assert (tiled - ref).abs().max().item() < 1e-5
@@ -351,7 +344,7 @@ def test_untrained_pixel_prior_model_returns_the_coarse_mask_through_the_cascade
 
     torch.manual_seed(0)
     model = build_crm("resnet18", residual=True, residual_prior="pixel").eval()
-    image, coarse = _inputs(150, 131)
+    image, coarse = disk_inputs(150, 131)
     out = refine(model, image, coarse, cfg)
     assert torch.equal(out >= 0.5, coarse >= 0.5)
 
@@ -360,7 +353,7 @@ def test_untrained_pixel_prior_model_returns_the_coarse_mask_through_the_cascade
 
 
 def test_flip_averages_the_mirrored_answer(model: CRM) -> None:
-    image, coarse = _inputs(45, 61)
+    image, coarse = disk_inputs(45, 61)
     cascade = CascadeConfig(scales=(0.5, 1.0))
     plain = Refiner(model, cascade=cascade).refine_tensor(image, coarse)
     with torch.inference_mode():
