@@ -110,10 +110,6 @@ def table_names() -> list[str]:
     return list(TABLES)
 
 
-def _title(table: str) -> str:
-    return TABLES[table][0]
-
-
 def _evals(table: str, speed_source: str, optimised: str) -> tuple[Eval, ...]:
     out = []
     for model, preset, sources in TABLES[table][1]:
