@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from samsr.errors import ConfigError
-from samsr.reproduce.cli import main, plan_from_config
+from samsr.reproduce.cli import figures_main, main, plan_from_config
 from samsr.reproduce.plan import build_plan, table_names
 from samsr.reproduce.runner import RunFailed, command, execute, status
 from samsr.reproduce.tables import assemble, load_thesis, to_csv, to_markdown
@@ -84,6 +84,7 @@ def test_status_resume_and_torchrun(tmp_path: Path) -> None:
     assert status(plan, train) == "done"
     plan.folder(faithful).mkdir(parents=True)
     (plan.folder(faithful) / "metrics.json").write_text("{}")
+    (plan.folder(faithful) / "masks").mkdir()  # faithful evaluations keep their masks
     assert status(plan, faithful) == "done"
 
 
@@ -97,6 +98,8 @@ def _fake_launch(fail: set[str] | None = None, calls: list[str] | None = None):
             return 3
         if argv[1].endswith("eval.py"):
             (folder / "metrics.json").write_text(json.dumps({"pspnet": _metrics(0.9, 0.7)}))
+            if "eval.save_masks=true" in argv:
+                (folder / "masks").mkdir(exist_ok=True)
         else:
             (folder / "checkpoints").mkdir(exist_ok=True)
             (folder / "checkpoints" / "last.pt").write_bytes(b"x")
@@ -237,3 +240,12 @@ def test_table_4_1_end_to_end_and_rerun_does_nothing(tmp_path: Path, capsys) -> 
     assert main(args) == 0
     again = capsys.readouterr().out
     assert "[1/" not in again and again.count("[done  ]") == 3
+    # figure 2.6 draws the masks CRM's faithful evaluation saved: it runs nothing new
+    assert figures_main(["figure=2.6", *args[1:], "panel_px=160"]) == 0
+    drawn = capsys.readouterr().out
+    assert "[1/" not in drawn and "figure 2.6" in drawn
+    from samsr.data.io import read_image
+
+    figs = sorted((tmp_path / "out" / "figures" / "2.6" / "down16").glob("*.png"))
+    assert figs and read_image(figs[0]).shape[1] == 4 * 160  # image | coarse | CRM | GT
+    assert (tmp_path / "out" / "figures" / "figure_2.6_down16.png").is_file()

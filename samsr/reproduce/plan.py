@@ -14,7 +14,7 @@ from pathlib import Path
 
 from samsr.errors import ConfigError
 
-__all__ = ["TABLES", "Eval", "Plan", "Run", "build_plan", "table_names"]
+__all__ = ["FIGURES", "TABLES", "Eval", "Plan", "Run", "build_plan", "figure_names", "table_names"]
 
 CRM = "crm"
 V3 = ("samsr_v3_1", "samsr_v3_2", "samsr_v3_3", "samsr_v3_4")
@@ -105,14 +105,38 @@ TABLES: dict[str, tuple[str, tuple[tuple[str, str, str | None], ...]]] = {
 }
 
 
+# figure -> (title, the evaluations whose saved masks it draws); see samsr/reproduce/figures.py
+FIGURES: dict[str, tuple[str, tuple[tuple[str, str, str | None], ...]]] = {
+    "2.6": ("CRM's failure cases", ((CRM, "faithful", None),)),
+    "4.2": (
+        "CRM vs SAM-SR v2.1: where SAM's guidance changes the object",
+        ((CRM, "faithful", None), ("samsr_v2_1", "faithful", None)),
+    ),
+    "4.3": (
+        "CRM vs SAM-SR v2.1: where SAM's guidance changes the boundary",
+        ((CRM, "faithful", None), ("samsr_v2_1", "faithful", None)),
+    ),
+}
+
+SAVE_MASKS = "eval.save_masks=true"
+"""Every faithful refiner evaluation keeps its masks: the figures draw them."""
+
+
 def table_names() -> list[str]:
     """Every table ``build_plan`` knows, in the thesis's order."""
     return list(TABLES)
 
 
-def _evals(table: str, speed_source: str, optimised: str) -> tuple[Eval, ...]:
+def figure_names() -> list[str]:
+    """Every figure ``build_plan`` knows."""
+    return list(FIGURES)
+
+
+def _evals(
+    reads: tuple[tuple[str, str, str | None], ...], speed_source: str, optimised: str
+) -> tuple[Eval, ...]:
     out = []
-    for model, preset, sources in TABLES[table][1]:
+    for model, preset, sources in reads:
         preset = optimised if preset == "optimised" else preset
         out.append(Eval(model, preset, (speed_source,) if sources == "speed" else None))
     return tuple(out)
@@ -128,6 +152,7 @@ def build_plan(
     tables: Sequence[str],
     out_dir: str | Path,
     *,
+    figures: Sequence[str] = (),
     data: Sequence[str] = (),
     train_data: Sequence[str] = (),
     eval_data: Sequence[str] = (),
@@ -144,6 +169,7 @@ def build_plan(
     Args:
         tables: table names (``4.1`` ... ``4.6``, ``patch``; see :data:`TABLES`).
         out_dir: the folder holding every run's folder.
+        figures: figure names (:data:`FIGURES`): their evaluations join the plan.
         data: overrides of every refiner's runs, training and evaluation (one data config:
             e.g. the synthetic set, whose training and test images are made together); the patch
             baseline trains and tests on data of its own (``models``/``eval_models``).
@@ -162,9 +188,10 @@ def build_plan(
     Raises:
         ConfigError: an unknown table, or a model with neither overrides nor a checkpoint.
     """
-    unknown = [t for t in tables if t not in TABLES]
-    if unknown or not tables:
+    if any(t not in TABLES for t in tables) or not (tables or figures):
         raise ConfigError(f"table={list(tables)}: pick from {table_names()} or all")
+    if any(f not in FIGURES for f in figures):
+        raise ConfigError(f"figure={list(figures)}: pick from {figure_names()} or all")
     out = Path(out_dir)
     ckpts = {k: str(v) for k, v in (checkpoints or {}).items() if v}
     for model, path in ckpts.items():
@@ -197,10 +224,9 @@ def build_plan(
             runs[key] = Run(key, "train", tuple(args), needs)
         return str(out / key / "checkpoints" / "last.pt"), (key,)
 
-    per_table: dict[str, tuple[Eval, ...]] = {}
-    for table in tables:
-        evals = _evals(table, speed_source, optimised_preset)
-        per_table[table] = evals
+    per_table = {t: _evals(TABLES[t][1], speed_source, optimised_preset) for t in tables}
+    drawn = [_evals(FIGURES[f][1], speed_source, optimised_preset) for f in figures]
+    for evals in [*per_table.values(), *drawn]:
         for ev in evals:
             if ev.key in runs:
                 continue
@@ -210,6 +236,8 @@ def build_plan(
             args = [*own, *_data(ev.model, [*data, *eval_data]), *evaluate]
             if ev.model != "pspnet":
                 args.append(f"inference={ev.preset}")
+                if ev.preset == "faithful":
+                    args.append(SAVE_MASKS)
             if ev.sources:
                 args.append(f"eval.sources=[{','.join(ev.sources)}]")
             args.append(f"ckpt_path={path}")

@@ -1,6 +1,7 @@
 """Running a plan: what is done, what resumes, and the command line of every run.
 
-A run is *done* when its result is on disk: an evaluation's ``metrics.json``, a training's
+A run is *done* when its result is on disk: an evaluation's ``metrics.json`` (and its
+``masks/`` where it saves them, see :data:`~samsr.reproduce.plan.SAVE_MASKS`), a training's
 ``done.json`` (written here once ``scripts/train.py`` exits 0). A training killed mid-way has a
 ``checkpoints/last.pt`` and resumes from it (bit-exactly, see the trainer); a killed evaluation
 starts again. Nothing else is kept between calls, so a rerun redoes exactly what is missing.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from samsr.errors import SamsrError
-from samsr.reproduce.plan import Plan, Run
+from samsr.reproduce.plan import SAVE_MASKS, Plan, Run
 
 __all__ = ["RunFailed", "command", "execute", "status"]
 
@@ -32,7 +33,8 @@ def status(plan: Plan, run: Run) -> str:
     """``done``, ``resume`` (a training with a checkpoint) or ``todo``."""
     folder = plan.folder(run)
     if run.script == "eval":
-        return "done" if (folder / "metrics.json").is_file() else "todo"
+        masks = SAVE_MASKS not in run.overrides or (folder / "masks").is_dir()
+        return "done" if masks and (folder / "metrics.json").is_file() else "todo"
     if (folder / DONE).is_file():
         return "done"
     return "resume" if (folder / "checkpoints" / "last.pt").is_file() else "todo"
