@@ -220,15 +220,7 @@ def test_profiles_plan_every_table(tmp_path: Path) -> None:
 
 
 def test_table_4_1_end_to_end_and_rerun_does_nothing(tmp_path: Path, capsys) -> None:
-    args = [
-        "table=4.1",
-        "profile=cpu_smoke",
-        f"out_dir={tmp_path / 'out'}",
-        f"paths.data_dir={tmp_path / 'data'}",
-        "profile.train=['device=cpu','trainer.max_steps=2','trainer.batch_size=2',"
-        "'trainer.num_workers=0','trainer.val_every=0','data.train.crop_size=96',"
-        "'test_after_training=false']",
-    ]
+    args = ["table=4.1", *_smoke_args(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
     md = (tmp_path / "out" / "tables" / "table_4.1.md").read_text()
@@ -249,3 +241,68 @@ def test_table_4_1_end_to_end_and_rerun_does_nothing(tmp_path: Path, capsys) -> 
     figs = sorted((tmp_path / "out" / "figures" / "2.6" / "down16").glob("*.png"))
     assert figs and read_image(figs[0]).shape[1] == 4 * 160  # image | coarse | CRM | GT
     assert (tmp_path / "out" / "figures" / "figure_2.6_down16.png").is_file()
+
+
+def _smoke_args(tmp_path: Path, *extra: str, steps: int = 2, ckpt_every: int = 1000) -> list[str]:
+    train = [
+        "device=cpu", f"trainer.max_steps={steps}", "trainer.batch_size=2",
+        f"trainer.ckpt_every={ckpt_every}", "trainer.num_workers=0", "trainer.val_every=0",
+        "data.train.crop_size=96", "test_after_training=false",
+    ]  # fmt: skip
+    return [
+        "profile=cpu_smoke",
+        f"out_dir={tmp_path / 'out'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "profile.train=[" + ",".join(f"'{a}'" for a in train) + "]",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_killed_mid_training_the_rerun_resumes_and_completes(tmp_path: Path) -> None:
+    """The real thing: scripts/reproduce.py killed (SIGKILL, its whole process group) while it
+    trains CRM, after a checkpoint; the same command again resumes that training and ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce.py"
+    argv = [sys.executable, str(script), "table=4.1", *_smoke_args(tmp_path, steps=60,
+            ckpt_every=5)]  # fmt: skip
+    train = tmp_path / "out" / "train" / "crm"
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (train / "checkpoints" / "last.pt").is_file():
+        assert proc.poll() is None, "reproduce.py ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (train / "done.json").exists()  # killed mid-training
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "train/crm (resume)" in again.stdout and "resume=" in again.stdout
+    assert (train / "done.json").is_file()
+    assert (tmp_path / "out" / "tables" / "table_4.1.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("table", table_names())
+def test_every_table_at_toy_scale(tmp_path: Path, table: str, capsys) -> None:
+    """`profile=cpu_smoke` (2 training steps here): every table is written with the thesis
+    column beside samsr's, and a rerun does nothing new."""
+    args = [f"table={table}", *_smoke_args(tmp_path)]
+    assert main(args) == 0
+    md = (tmp_path / "out" / "tables" / f"table_{table}.md").read_text()
+    csv = (tmp_path / "out" / "tables" / f"table_{table}.csv").read_text().splitlines()
+    assert csv[0] == "table,row,column,samsr,thesis,diff" and len(csv) > 1
+    assert any(row.split(",")[3] for row in csv[1:])  # measured values
+    if table != "patch":  # the patch baseline has no thesis numbers
+        assert " / " in md and any(row.split(",")[4] for row in csv[1:])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "[1/" not in capsys.readouterr().out
