@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class FigureSpec:
     """
 
     models: tuple[str, ...]
-    score: Any
+    score: Callable[[Mapping[str, Mapping[str, Any]]], float]
     zoom: tuple[str, str]
     rule: str
 
