@@ -14,7 +14,7 @@ from conftest import disk_inputs
 from samsr.device import native_bf16, resolve_dtype
 from samsr.engine.boundary_shift import boundary_shift, label_distance
 from samsr.inference import CascadeConfig, Refiner, refine
-from samsr.inference.cascade import band_width_px
+from samsr.inference.cascade import _tile_batches, band_width_px
 from samsr.inference.context import measure_context
 from samsr.inference.graph import fold_batchnorm, folded_copy
 from samsr.inference.regions import contour_region
@@ -271,3 +271,53 @@ def test_band_stride_decodes_every_band_pixel_of_the_last_scale() -> None:
         counts[band_stride] = timings["decoded_px"] - head["decoded_px"]
     band = contour_region(inputs[0.5] >= 0.5, band_width_px(6, 1.0))  # on the padded grid
     assert counts[1] == int(band.sum()) > counts[0]
+
+
+# ------------------------------------------------------------------ batched tiles
+
+
+def test_tile_batches_group_equal_windows_and_keep_every_tile_once() -> None:
+    tiles = plan_tiles((403, 317), (403, 317), 64, 16)
+    batches = _tile_batches(tiles, 4)
+    flat = [t for b in batches for t in b]
+    assert sorted(flat, key=lambda t: t.q) == sorted(tiles, key=lambda t: t.q)
+    for b in batches:
+        assert 1 <= len(b) <= 4
+        assert len({(t.x[1] - t.x[0], t.x[3] - t.x[2]) for t in b}) == 1
+    assert max(len(b) for b in batches) == 4  # the interior tiles share a window size
+    assert [len(b) for b in _tile_batches(tiles, 1)] == [1] * len(tiles)
+    with pytest.raises(ValueError, match="tile_batch"):
+        CascadeConfig(tile_batch=0)
+
+
+def test_encode_windows_equals_one_window_at_a_time(model: CRM) -> None:
+    x = torch.randn(1, 4, 96, 160)
+    offsets = [(0, 0), (0, 64), (32, 32)]
+    batch = torch.cat([x[..., y : y + 64, c : c + 96] for y, c in offsets])
+    with torch.inference_mode():
+        together = model.encode_windows(batch, offsets, (96, 160), fusion_patch=16)
+        for (y, c), (feat, origin) in zip(offsets, together):
+            ref, ref_origin = model.encode_window(x[..., y : y + 64, c : c + 96], (y, c), (96, 160))
+            assert origin == ref_origin and feat.shape == ref.shape
+            torch.testing.assert_close(feat, ref, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="offsets"):
+            model.encode_windows(batch, offsets[:2], (96, 160))
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"region": "contour", "tile_min": 32}, {"channels_last": True}]
+)
+def test_batched_tiles_give_the_one_at_a_time_output(model: CRM, extra: dict) -> None:
+    """Same tiles, same pixels encoded and decoded, the same probabilities up to the batched
+    kernels' rounding (the decoding order does not matter: each tile writes only its core)."""
+    image, coarse = disk_inputs(100, 150)
+    base = dict(scales=(1.0,), tile=64, tile_halo=16, stride=2, **extra)
+    counts, outs = [], []
+    for n in (1, 8):
+        timings: dict[str, float] = {}
+        outs.append(
+            refine(model, image, coarse, CascadeConfig(tile_batch=n, **base), timings=timings)
+        )
+        counts.append({k: timings[k] for k in ("tiles", "encoded_px", "decoded_px")})
+    assert counts[0] == counts[1] and counts[0]["tiles"] > 8
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5

@@ -541,3 +541,28 @@ def test_patched_fuser_equals_whole_map(patch: int) -> None:
         CascadeConfig(scales=(0.5, 1.0), fusion_patch=patch, tile=32, tile_halo=32),
     ):
         torch.testing.assert_close(refine(model, img8, coarse, cfg), base, atol=1e-5, rtol=0)
+
+
+def test_batched_windows_equal_one_window_at_a_time() -> None:
+    """SAM-SR v3 batches its local CNN over tiles of one image and fuses each with the image's
+    tokens at its own cells: the same features as one window at a time, and the same cascade."""
+    model = _randomize_bn(_build("window")).eval()
+    image, coarse = _inputs(1, 45, 61)
+    offsets = [(0, 0), (8, 16), (12, 24)]
+    with torch.no_grad():
+        x = model.normalize_inputs(image, coarse)
+        guide = model.guide(model.embed_image(image), x[:, 3:4], Frame.identity(45, 61))
+        batch = torch.cat([x[..., y : y + 32, c : c + 36] for y, c in offsets])
+        together = model.encode_windows(batch, offsets, (45, 61), guide=guide)
+        for (y, c), (feat, origin) in zip(offsets, together):
+            ref, ref_origin = model.encode_window(
+                x[..., y : y + 32, c : c + 36], (y, c), (45, 61), guide=guide
+            )
+            assert origin == ref_origin
+            torch.testing.assert_close(feat, ref, atol=1e-5, rtol=0)
+    img8 = (image * 255).to(torch.uint8)
+    cfg = {"scales": (0.5, 1.0), "tile": 32, "tile_halo": 16}
+    one = refine(model, img8, coarse, CascadeConfig(**cfg))
+    torch.testing.assert_close(
+        refine(model, img8, coarse, CascadeConfig(tile_batch=4, **cfg)), one, atol=1e-5, rtol=0
+    )

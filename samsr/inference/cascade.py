@@ -37,7 +37,7 @@ from samsr.inference.cascade_config import CascadeConfig
 from samsr.inference.context import context_halo
 from samsr.inference.decoding import PixelDecoder, decode_full, decoder_mode
 from samsr.inference.regions import bbox_region, contour_region, decode_region, strided_fill
-from samsr.inference.tiling import plan_region_tiles, plan_tiles, scaled_window
+from samsr.inference.tiling import Tile, plan_region_tiles, plan_tiles, scaled_window
 from samsr.models.components.sam_frame import Frame
 from samsr.models.crm import CRM, MASK_CHANNEL
 
@@ -399,49 +399,77 @@ def _refine_tiles(
     """One scale in tiles: encode each tile's window, decode its core into ``prob``.
 
     Tiles holding no pixel of ``region`` are not encoded (with ``cfg.tile_min``, the tiles are
-    cut to the region in the first place); their pixels keep the previous scale's values.
+    cut to the region in the first place); their pixels keep the previous scale's values. Up to
+    ``cfg.tile_batch`` tiles with equal windows share one encoder call; the order in which tiles
+    are decoded does not matter, since every tile reads this scale's input and writes only its
+    own core.
     """
     hp, wp = prob.shape[-2:]
-    decoded = 0
     if region is not None and cfg.tile_min > 0:
         tiles = plan_region_tiles((hp, wp), size, cfg.tile, halo, region, cfg.tile_min)
     else:
         tiles = plan_tiles((hp, wp), size, cfg.tile, halo)
+    active = []
     for tile in tiles:
         qy0, qy1, qx0, qx1 = tile.q
-        core_region = None if region is None else region[qy0:qy1, qx0:qx1]
-        if core_region is not None and not bool(core_region.any()):
+        if region is not None and not bool(region[qy0:qy1, qx0:qx1].any()):
             add("tiles_skipped", 1)
-            continue
+        else:
+            active.append(tile)
+    full_h, full_w = model.encoder.level_sizes(*size)[0]
+    prior = mask if model.decoder.pixel_prior else None
+    decoded = 0
+    for batch in _tile_batches(active, cfg.tile_batch):
         t0 = tick()
-        x = _network_input(
-            scaled_window(static, size, tile.x),
-            scaled_window(mask, size, tile.x),
-            cfg.channels_last,
-        )
-        with autocast(x.device, enc_dtype):
-            feat, (fy, fx) = model.encode_window(
-                x, (tile.x[0], tile.x[2]), size, cfg.fusion_patch, **_guide_kwargs(guide)
+        windows = [
+            _network_input(
+                scaled_window(static, size, t.x), scaled_window(mask, size, t.x), cfg.channels_last
             )
-        if enc_dtype is not None:  # the decoder reads float32 features
-            feat = feat.float()
+            for t in batch
+        ]
+        x = windows[0] if len(windows) == 1 else _stack(windows, cfg.channels_last)
+        del windows
+        with autocast(x.device, enc_dtype):
+            encoded = model.encode_windows(
+                x, [(t.x[0], t.x[2]) for t in batch], size, cfg.fusion_patch,
+                **_guide_kwargs(guide),
+            )  # fmt: skip
         del x
-        t1 = tick()
-        full_h, full_w = model.encoder.level_sizes(*size)[0]
-        decode = PixelDecoder(
-            model,
-            feat,
-            (hp, wp),
-            cfg.chunk_size,
-            window=(fy, fx, full_h, full_w),
-            offset=(qy0, qx0),
-            prior=mask if model.decoder.pixel_prior else None,
-        )
-        del feat
-        decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, stride, cfg)
-        del decode
-        add("encode", t1 - t0)
-        add("decode", tick() - t1)
-        add("tiles", 1)
-        add("encoded_px", (tile.x[1] - tile.x[0]) * (tile.x[3] - tile.x[2]))
+        add("encode", tick() - t0)
+        for tile in batch:
+            t1 = tick()
+            feat, (fy, fx) = encoded.pop(0)  # freed once decoded
+            qy0, qy1, qx0, qx1 = tile.q
+            if enc_dtype is not None:  # the decoder reads float32 features
+                feat = feat.float()
+            decode = PixelDecoder(
+                model,
+                feat,
+                (hp, wp),
+                cfg.chunk_size,
+                window=(fy, fx, full_h, full_w),
+                offset=(qy0, qx0),
+                prior=prior,
+            )
+            del feat
+            core_region = None if region is None else region[qy0:qy1, qx0:qx1]
+            decoded += _fill(decode, prob[0, 0, qy0:qy1, qx0:qx1], core_region, stride, cfg)
+            del decode
+            add("decode", tick() - t1)
+            add("tiles", 1)
+            add("encoded_px", (tile.x[1] - tile.x[0]) * (tile.x[3] - tile.x[2]))
     return decoded
+
+
+def _stack(windows: list[Tensor], channels_last: bool) -> Tensor:
+    """B x C x h x w batch of equal 1 x C x h x w windows (channels-last if asked)."""
+    x = torch.cat(windows)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _tile_batches(tiles: list[Tile], size: int) -> list[list[Tile]]:
+    """``tiles`` grouped by input window size, in batches of at most ``size`` (first-seen order)."""
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for t in tiles:
+        groups.setdefault((t.x[1] - t.x[0], t.x[3] - t.x[2]), []).append(t)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]

@@ -59,6 +59,10 @@ class CascadeConfig:
             the region and splits them down to ``tile_min`` input pixels wherever the smaller
             windows, halo included, encode fewer pixels
             (:func:`samsr.inference.tiling.plan_region_tiles`); 0 = the regular grid.
+        tile_batch: tiles encoded per encoder call: up to this many tiles of one scale whose
+            input windows have the same size go through the encoder as one batch (fewer, larger
+            kernel launches: a GPU lever); the fusion and decoding stay per tile. Peak memory
+            grows with it (the batch's activations). 1 = one tile at a time.
         band_width: > 0 decodes, at every scale >= ``band_from``, only the band within
             ``ceil(band_width / scale)`` full-resolution pixels (``band_width`` pixels of that
             scale's input) of the boundary of that scale's input mask, and (tiled) encodes only
@@ -98,6 +102,7 @@ class CascadeConfig:
     tile_halo: int | str = 128
     context_tol: float = 1e-3
     tile_min: int = 0
+    tile_batch: int = 1
     band_width: int = 0
     band_from: float = 0.5
     band_stride: int = 0
@@ -145,6 +150,10 @@ class CascadeConfig:
             raise ValueError(
                 f"tile_min must be 0 (off) or in [16, tile={self.tile}] input pixels (it needs "
                 f"tile > 0), got {self.tile_min}."
+            )
+        if self.tile_batch < 1:
+            raise ValueError(
+                f"tile_batch must be >= 1 (1 = one tile at a time), got {self.tile_batch}."
             )
         if not 0 < self.context_tol < 1:
             raise ValueError(f"context_tol must be in (0, 1), got {self.context_tol}.")

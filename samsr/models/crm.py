@@ -164,13 +164,56 @@ class CRM(nn.Module):
             once the edges are beyond the receptive field).
         """
         self._check_input(x)
+        return self._fuse_window(self.encoder(x), x, offset, full_size, fusion_patch)
+
+    def encode_windows(
+        self,
+        x: Tensor,
+        offsets: Sequence[tuple[int, int]],
+        full_size: tuple[int, int],
+        fusion_patch: int = 0,
+    ) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Encodes B equal-sized windows of one input in a single encoder pass.
+
+        The encoder (most of the work) runs on the batch; the fusion, which depends on each
+        window's position, runs per window. Item ``j`` equals ``encode_window(x[j:j+1],
+        offsets[j], ...)`` up to the kernels' batch-size dependent rounding.
+
+        Args:
+            x: B x in_channels x h x w, window ``j`` of the full input starting at ``offsets[j]``.
+            offsets: B (row, col) offsets, multiples of 8.
+            full_size: (H, W) of the full input.
+            fusion_patch: > 0 runs the fusion conv in patches of that many rows.
+
+        Returns:
+            Per window, (1 x C x h1 x w1 features, (row, col) of them in the full feature map).
+        """
+        self._check_input(x)
+        if len(offsets) != x.shape[0]:
+            raise ValueError(f"{len(offsets)} offsets for a batch of {x.shape[0]} windows.")
+        levels = self.encoder(x)
+        parts = [[f[j : j + 1] for f in levels] for j in range(len(offsets))]
+        return [
+            self._fuse_window(part, x[j : j + 1], off, full_size, fusion_patch)
+            for j, (part, off) in enumerate(zip(parts, offsets))
+        ]
+
+    def _fuse_window(
+        self,
+        levels: Sequence[Tensor],
+        x: Tensor,
+        offset: tuple[int, int],
+        full_size: tuple[int, int],
+        fusion_patch: int,
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """The fused features of one window from its encoder levels (see :meth:`encode_window`)."""
         oy, ox = offset
         if oy % 8 or ox % 8:
             raise ValueError(f"window offsets must be multiples of 8, got {offset}.")
         strides = self.encoder.strides
         sizes = self.encoder.level_sizes(*full_size)
         offsets = [(oy // s, ox // s) for s in strides]
-        feat = self.fusion.forward_window(self.encoder(x), offsets, sizes, fusion_patch)
+        feat = self.fusion.forward_window(list(levels), offsets, sizes, fusion_patch)
         return self._with_prior(feat, x), offsets[0]
 
     def _check_input(self, x: Tensor) -> None:

@@ -179,6 +179,31 @@ class SamCRM(CRM):
         origin = (oy // 2, ox // 2)
         return self._fuse(local, guide, full_size, full, origin, fusion_patch), origin
 
+    def encode_windows(
+        self,
+        x: Tensor,
+        offsets: Sequence[tuple[int, int]],
+        full_size: tuple[int, int],
+        fusion_patch: int = 0,
+        guide: Guide | None = None,
+    ) -> list[tuple[Tensor, tuple[int, int]]]:
+        """B equal-sized windows of one image: the local CNN on the batch, the token fusion per
+        window with the image's ``guide`` (see :meth:`CRM.encode_windows`; offsets even)."""
+        self._check_input(x)
+        guide = self._require(guide)
+        if any(oy % 2 or ox % 2 for oy, ox in offsets):
+            raise ValueError(f"window offsets must be even, got {list(offsets)}.")
+        if len(offsets) != x.shape[0]:
+            raise ValueError(f"{len(offsets)} offsets for a batch of {x.shape[0]} windows.")
+        local = self.encoder(x)
+        full = self.encoder.level_sizes(*full_size)[0]
+        out = []
+        for j, (oy, ox) in enumerate(offsets):
+            origin = (oy // 2, ox // 2)
+            feat = self._fuse(local[j : j + 1], guide, full_size, full, origin, fusion_patch)
+            out.append((feat, origin))
+        return out
+
     def _fuse(
         self,
         local: Tensor,
