@@ -7,8 +7,9 @@
 #    scripts/gpu_prepare.sh): hydra-core, omegaconf, segment-anything, pytest, then samsr itself
 #    (editable, --no-deps: the machine's own torch stays). Skipped with --skip-install.
 # 2. python3 -m pytest -m gpu -q (tests/test_gpu.py and the other gpu-marked tests).
-# 3. A short benchmark: faithful vs fast on synthetic 2048x1536 and 4000x3000 images with a
-#    ResNet-50 CRM (random weights, or SAMSR_BENCH_CKPT: e.g. a carried quickstart_r50 checkpoint).
+# 3. A short benchmark: faithful vs fast and its GPU candidates (fast_batched, fast_untiled) on
+#    synthetic 2048x1536 and 4000x3000 images with a ResNet-50 CRM (random weights, or
+#    SAMSR_BENCH_CKPT: e.g. a carried quickstart_r50 checkpoint).
 # Everything goes to $OUT/gpu_check.log when OUT is set (the benchmark to $OUT/benchmark), else
 # to outputs/gpu_check/<date>_<time>/. No weights or data are needed.
 #
@@ -19,7 +20,7 @@
 #   SAMSR_BENCH_SIZES [2048x1536 4000x3000]   e.g. 256x192 for a quick CPU try
 #   SAMSR_BENCH_CKPT []             a checkpoint to benchmark instead of random weights
 #   SAMSR_BENCH_BACKBONE [resnet50] the random-weights encoder
-#   SAMSR_BENCH_VARIANTS [faithful fast]
+#   SAMSR_BENCH_VARIANTS [faithful fast fast_batched fast_untiled]
 #   SAMSR_BENCH_TIMEOUT [300]       seconds per benchmark worker
 #   SAMSR_WHEELS [.device/wheels]   SAMSR_SKIP_INSTALL=1 / SAMSR_BENCH=0: as the flags
 #   PIP_ARGS []                     extra pip install flags (e.g. --user)
@@ -158,7 +159,7 @@ main() {
         t=$SECONDS
         local sizes variants
         read -r -a sizes <<<"${SAMSR_BENCH_SIZES:-2048x1536 4000x3000}"
-        read -r -a variants <<<"${SAMSR_BENCH_VARIANTS:-faithful fast}"
+        read -r -a variants <<<"${SAMSR_BENCH_VARIANTS:-faithful fast fast_batched fast_untiled}"
         local weights=(--random-weights --backbone "${SAMSR_BENCH_BACKBONE:-resnet50}")
         [[ -n "${SAMSR_BENCH_CKPT:-}" ]] && weights=(--ckpt "$SAMSR_BENCH_CKPT")
         say "benchmark: ${variants[*]} at ${sizes[*]} on $bench_device (${weights[*]})"

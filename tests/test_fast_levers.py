@@ -4,6 +4,8 @@ scale-aware band): each option's invariant on constructed cases, on tiny CRMs (C
 from __future__ import annotations
 
 import math
+import platform
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -128,6 +130,21 @@ def test_auto_encoder_dtype_is_bf16_only_where_native() -> None:
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16 and resolve_dtype(None, cpu) is None
     with pytest.raises(ValueError, match="encoder_dtype"):
         CascadeConfig(encoder_dtype="int8")
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not Path("/proc/cpuinfo").exists(),
+    reason="reads the x86 CPU flags of Linux's /proc/cpuinfo",
+)
+def test_native_bf16_follows_the_cpu_flags_not_onednn_emulation() -> None:
+    """bf16 is native only with AVX512-BF16 or AMX-BF16; oneDNN also 'supports' it on plain
+    AVX-512 by emulation, where the bf16 encoder was 10x slower than float32 (measured)."""
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 # ------------------------------------------------------------------ measured halo
@@ -321,3 +338,32 @@ def test_batched_tiles_give_the_one_at_a_time_output(model: CRM, extra: dict) ->
         counts.append({k: timings[k] for k in ("tiles", "encoded_px", "decoded_px")})
     assert counts[0] == counts[1] and counts[0]["tiles"] > 8
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------ compiled decoder
+
+
+@pytest.mark.slow
+def test_compiled_decoder_equals_eager(model: CRM) -> None:
+    """torch.compile of the decoder's query computation (inductor; about a minute of compilation
+    on a 2-core CPU): the same probabilities within float rounding, untiled and tiled, and the
+    same error when a tile's queries read cells outside its features."""
+    image, coarse = disk_inputs(100, 150)
+    for kw in ({}, {"decoder_factorized": True, "stride": 2, "tile": 64, "tile_halo": 16}):
+        ref = refine(model, image, coarse, CascadeConfig(scales=(0.5, 1.0), **kw))
+        out = refine(
+            model, image, coarse, CascadeConfig(scales=(0.5, 1.0), compile_decoder=True, **kw)
+        )
+        assert (out - ref).abs().max().item() < 1e-5
+    assert model.decoder.compiled is False  # an option of the call, not of the model
+    feat = torch.randn(1, 256, 8, 8)
+    coords = torch.tensor([[[0.99, 0.99]]])  # the full map's last cell: outside a window at 0
+    cell = torch.full((1, 1, 2), 0.1)
+    model.decoder.compiled = True
+    try:
+        with pytest.raises(ValueError, match="outside the window"):
+            model.decoder(feat, coords, cell, window=(0, 0, 16, 16))
+    finally:
+        model.decoder.compiled = False
+    with pytest.raises(ValueError, match="outside the window"):
+        model.decoder(feat, coords, cell, window=(0, 0, 16, 16))

@@ -225,9 +225,11 @@ def probed_crm(model):
 #     depending on whether its corners agree, so one flipped corner changes a cell by up to
 #     ~0.15 (measured 0.13 for fast and strided4 under emulated TF32).
 # Tiling is on in tiled/fast but 1024 px tiles do not cut a 300 x 200 image: "tiled-128" adds
-# a case that does (9 tiles at full scale), with a small halo to keep the CPU reference cheap.
+# a case that does (9 tiles at full scale), with a small halo to keep the CPU reference cheap;
+# "fast_batched-128" cuts it so that equal tiles share encoder calls.
 PRESET_CASES = [(p, []) for p in INFERENCE_PRESETS] + [
-    ("tiled", ["inference.tile=128", "inference.tile_halo=32"])
+    ("tiled", ["inference.tile=128", "inference.tile_halo=32"]),
+    ("fast_batched", ["inference.tile=128"]),  # several equal tiles per encoder call
 ]
 
 

@@ -31,7 +31,7 @@ REFERENCE = "faithful"
 ORDER = (
     *("faithful", "patched", "factorized", "channels_last", "bf16", "bbox", "contour"),
     *("strided2", "strided4", "strided8", "tiled", "fold_bn", "bf16_encoder", "band"),
-    *("tiled_auto", "fast", "fast_fp32", "fast_batched", "fast_untiled"),
+    *("tiled_auto", "fast", "fast_fp32", "fast_batched", "fast_untiled", "fast_compiled"),
 )
 EXCLUDED = ("single_scale",)
 DEFAULT_SIZES = ("2048x1536", "4000x3000", "6000x4000")

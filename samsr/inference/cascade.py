@@ -164,7 +164,7 @@ def refine(
         raise ValueError(f"image must be 1 x 3 x H x W, got {tuple(image.shape)}.")
     if coarse.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
-    with torch.inference_mode(), decoder_mode(model, cfg.decoder_factorized):
+    with torch.inference_mode(), decoder_mode(model, cfg.decoder_factorized, cfg.compile_decoder):
         return _refine(model, image, coarse, cfg, extra, timings, profile, on_scale)
 
 

@@ -29,6 +29,10 @@ class CascadeConfig:
         chunk_size: queries (pixels) per decoder call; bounds decoder memory, not the result.
         decoder_factorized: None keeps the model's setting; True/False overrides it for inference
             (True: the decoder's first layer once per feature cell; False: the reference MLP).
+        compile_decoder: run the decoder's query computation (neighbour lookup, MLP, local
+            ensemble) through ``torch.compile`` (inductor, dynamic shapes: compiled once per
+            process and decoder mode, then reused for every chunk, tile and scale; float
+            rounding only). Needs a C++ compiler on CPUs, Triton on GPUs.
         fusion_patch: rows of the stride-2 feature map per fusion patch; 0 runs the fusion conv on
             the whole map at once (reference). Patched fusion writes each patch's output over the
             consumed input rows (1-row halo kept aside): same output, no second full-size map.
@@ -91,6 +95,7 @@ class CascadeConfig:
     pad: int = 32
     chunk_size: int = 2**18
     decoder_factorized: bool | None = None
+    compile_decoder: bool = False
     fusion_patch: int = 0
     region: str = "full"
     region_source: str = "coarse"

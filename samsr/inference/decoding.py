@@ -115,13 +115,15 @@ class PixelDecoder:
 
 
 @contextmanager
-def decoder_mode(model: CRM, factorized: bool | None) -> Iterator[None]:
-    """Temporarily sets the decoder's factorized flag (None: leave it)."""
+def decoder_mode(model: CRM, factorized: bool | None, compiled: bool = False) -> Iterator[None]:
+    """Temporarily sets the decoder's factorized flag (None: leave it) and whether its query
+    computation runs through ``torch.compile``."""
     decoder = model.decoder
-    old = decoder.factorized
+    old = decoder.factorized, decoder.compiled
     if factorized is not None:
         decoder.factorized = bool(factorized)
+    decoder.compiled = bool(compiled)
     try:
         yield
     finally:
-        decoder.factorized = old
+        decoder.factorized, decoder.compiled = old

@@ -24,7 +24,8 @@ feature is gathered: bitwise the same selection as the reference, without sampli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,16 +182,22 @@ def _gather(feat: Tensor, index: Tensor) -> Tensor:
     return torch.gather(flat, 2, index.unsqueeze(1).expand(b, c, n)).transpose(1, 2)
 
 
-def _window_index(iy: Tensor, ix: Tensor, y0: int, x0: int, th: int, tw: int) -> Tensor:
-    """Flat index into a th x tw window at (y0, x0) of full-map cell indices (checked)."""
+def _window_index(
+    iy: Tensor, ix: Tensor, y0: int, x0: int, th: int, tw: int
+) -> tuple[Tensor, Tensor]:
+    """Flat index into a th x tw window at (y0, x0) of full-map cell indices, clamped into the
+    window, and whether any cell lay outside it (a 0-dim bool tensor)."""
     ly = iy - y0
     lx = ix - x0
-    if bool((ly.min() < 0) | (ly.max() >= th) | (lx.min() < 0) | (lx.max() >= tw)):
-        raise ValueError(
-            f"queries read feature cells outside the window ({th}x{tw} at ({y0}, {x0})): "
-            "the tile's feature margin is too small."
-        )
-    return ly * tw + lx
+    outside = (ly.min() < 0) | (ly.max() >= th) | (lx.min() < 0) | (lx.max() >= tw)
+    return ly.clamp(0, th - 1) * tw + lx.clamp(0, tw - 1), outside
+
+
+def _outside_error(th: int, tw: int, y0: int, x0: int) -> ValueError:
+    return ValueError(
+        f"queries read feature cells outside the window ({th}x{tw} at ({y0}, {x0})): "
+        "the tile's feature margin is too small."
+    )
 
 
 class ImplicitDecoder(nn.Module):
@@ -216,6 +223,10 @@ class ImplicitDecoder(nn.Module):
             as ``prior``; the feature map carries no prior channel): the untrained model then
             returns the mask exactly, pixel for pixel.
         prior_scale: initial value of the learnt scale (5: a prior of +-1 gives p = 0.993/0.007).
+
+    Attribute ``compiled`` (default False, an inference option: see
+    :func:`samsr.inference.decoding.decoder_mode`) runs the query computation through
+    ``torch.compile`` (one compilation with dynamic shapes; float rounding only).
     """
 
     def __init__(
@@ -231,6 +242,7 @@ class ImplicitDecoder(nn.Module):
         if prior not in ("cell", "pixel"):
             raise ValueError(f"residual_prior must be cell or pixel, got {prior!r}.")
         self.factorized = factorized
+        self.compiled = False  # inference option: the ensemble through torch.compile
         self.residual = residual
         self.prior = prior
         layers: list[nn.Module] = []
@@ -319,67 +331,103 @@ class ImplicitDecoder(nn.Module):
             )
         if not prepared:
             feat = self.prepare(feat)
-        b, _, th, tw = feat.shape
-        y0, x0, h, w = (0, 0, th, tw) if window is None else window
-        c = self.feat_dim
+        b = feat.shape[0]
         if coords.dim() != 3 or coords.shape[0] != b or coords.shape[-1] != 2:
             raise ValueError(f"coords must be {b} x N x 2, got {tuple(coords.shape)}.")
         if cell.shape != coords.shape:
             raise ValueError(f"cell must match coords {tuple(coords.shape)}, got {cell.shape}.")
-        n = coords.shape[1]
-        dev, dt = coords.device, coords.dtype
-        # the feature-cell centres (ref feat_coord = make_coord(feat.shape[-2:]))
-        ys = coord_seq(h, device=dev)
-        xs = coord_seq(w, device=dev)
-        rows = torch.arange(h, device=dev, dtype=dt).view(1, 1, h, 1).expand(b, 1, h, 1)
-        cols = torch.arange(w, device=dev, dtype=dt).view(1, 1, 1, w).expand(b, 1, 1, w)
-        rel_cell = _scale_yx(cell.clone(), h, w)  # ref rel_cell = cell * (h, w)
-        rx = 2 / h / 2  # ref rx: half a feature cell along y (index 0)
-        ry = 2 / w / 2  # ref ry: half a feature cell along x (index 1)
+        if self.compiled:
+            ret, outside = _compiled_ensemble()(self, feat, coords, cell, window, prior, False)
+            if window is not None and bool(outside):
+                raise _outside_error(*feat.shape[-2:], *window[:2])
+            return ret
+        return _ensemble(self, feat, coords, cell, window, prior, True)[0]
 
-        # factorized: feat holds the first layer's feature term, once per cell (B x hidden0)
-        first: nn.Linear = self.mlp[0]  # type: ignore[assignment]
-        rest = self.mlp[1:]
 
-        preds: list[Tensor] = []
-        areas: list[Tensor] = []
-        priors: list[Tensor] = []
-        for vx in (-1, 1):  # ref: vx shifts coord[..., 0] (y), outer loop
-            for vy in (-1, 1):  # ref: vy shifts coord[..., 1] (x), inner loop
-                shifted = coords.clone()  # Python-scalar ops: no host-to-device copies
-                shifted[..., 0] += vx * rx + _EPS_SHIFT
-                shifted[..., 1] += vy * ry + _EPS_SHIFT
-                shifted.clamp_(-1 + _CLAMP, 1 - _CLAMP)
-                grid = shifted.flip(-1).unsqueeze(1)  # B x 1 x N x (x, y) for grid_sample
-                iy = _nearest_index(rows, grid)
-                ix = _nearest_index(cols, grid)
-                if window is None:
-                    q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
-                else:
-                    q_feat = _gather(feat, _window_index(iy, ix, y0, x0, th, tw))
-                if self.cell_prior:  # the prior travels as the last channel
-                    priors.append(q_feat[..., -1])
-                    q_feat = q_feat[..., :-1]
-                q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
-                rel_coord = _scale_yx(coords - q_coord, h, w)  # ref: (coord - q_coord) * (h, w)
-                if self.factorized:
-                    geo = torch.cat([rel_coord, coords, rel_cell], dim=-1)
-                    hid = q_feat + F.linear(geo, first.weight[:, c:], first.bias)
-                    preds.append(rest(hid.reshape(b * n, -1)).view(b, n))
-                else:
-                    inp = torch.cat([q_feat, rel_coord, coords, rel_cell], dim=-1)  # ref order
-                    preds.append(self.mlp(inp.view(b * n, -1)).view(b, n))
-                areas.append(torch.abs(rel_coord[..., 0] * rel_coord[..., 1]) + _AREA_EPS)
+def _ensemble(
+    dec: ImplicitDecoder,
+    feat: Tensor,
+    coords: Tensor,
+    cell: Tensor,
+    window: tuple[int, int, int, int] | None,
+    prior: Tensor | None,
+    check: bool,
+) -> tuple[Tensor, Tensor]:
+    """The local ensemble of :meth:`ImplicitDecoder.forward` on a prepared map.
 
-        tot_area = torch.stack(areas).sum(dim=0)
-        # ref local ensemble: areas swapped 0<->3, 1<->2 (each prediction weighted by the area of
-        # the diagonally opposite cell), accumulated in shift order
-        weights = areas[::-1]
-        ret = preds[0] * (weights[0] / tot_area)
-        for pred, area in zip(preds[1:], weights[1:]):
-            ret = ret + pred * (area / tot_area)
-        if self.cell_prior:  # the prior, interpolated with the same weights
-            prior = sum(q.float() * (area / tot_area) for q, area in zip(priors, weights))
-        if self.residual:
-            ret = ret + self.prior_scale * prior.float()
-        return ret
+    Returns (B x N logits, whether a query read a cell outside ``window``: 0-dim bool). With
+    ``check`` that raises at once instead (eager mode: before reading out of range); the
+    compiled path (no data-dependent branch) clamps the cells and lets the caller raise.
+    """
+    b, _, th, tw = feat.shape
+    y0, x0, h, w = (0, 0, th, tw) if window is None else window
+    c = dec.feat_dim
+    n = coords.shape[1]
+    dev, dt = coords.device, coords.dtype
+    # the feature-cell centres (ref feat_coord = make_coord(feat.shape[-2:]))
+    ys = coord_seq(h, device=dev)
+    xs = coord_seq(w, device=dev)
+    rows = torch.arange(h, device=dev, dtype=dt).view(1, 1, h, 1).expand(b, 1, h, 1)
+    cols = torch.arange(w, device=dev, dtype=dt).view(1, 1, 1, w).expand(b, 1, 1, w)
+    rel_cell = _scale_yx(cell.clone(), h, w)  # ref rel_cell = cell * (h, w)
+    rx = 2 / h / 2  # ref rx: half a feature cell along y (index 0)
+    ry = 2 / w / 2  # ref ry: half a feature cell along x (index 1)
+
+    # factorized: feat holds the first layer's feature term, once per cell (B x hidden0)
+    first: nn.Linear = dec.mlp[0]  # type: ignore[assignment]
+    rest = dec.mlp[1:]
+
+    preds: list[Tensor] = []
+    areas: list[Tensor] = []
+    priors: list[Tensor] = []
+    outside = torch.zeros((), dtype=torch.bool, device=dev)
+    for vx in (-1, 1):  # ref: vx shifts coord[..., 0] (y), outer loop
+        for vy in (-1, 1):  # ref: vy shifts coord[..., 1] (x), inner loop
+            shifted = coords.clone()  # Python-scalar ops: no host-to-device copies
+            shifted[..., 0] += vx * rx + _EPS_SHIFT
+            shifted[..., 1] += vy * ry + _EPS_SHIFT
+            shifted.clamp_(-1 + _CLAMP, 1 - _CLAMP)
+            grid = shifted.flip(-1).unsqueeze(1)  # B x 1 x N x (x, y) for grid_sample
+            iy = _nearest_index(rows, grid)
+            ix = _nearest_index(cols, grid)
+            if window is None:
+                q_feat = _gather(feat, iy * w + ix)  # == grid_sample(feat, nearest)
+            else:
+                index, out = _window_index(iy, ix, y0, x0, th, tw)
+                if check and bool(out):
+                    raise _outside_error(th, tw, y0, x0)
+                outside = outside | out
+                q_feat = _gather(feat, index)
+            if dec.cell_prior:  # the prior travels as the last channel
+                priors.append(q_feat[..., -1])
+                q_feat = q_feat[..., :-1]
+            q_coord = torch.stack((ys[iy], xs[ix]), dim=-1)  # == grid_sample(feat_coord)
+            rel_coord = _scale_yx(coords - q_coord, h, w)  # ref: (coord - q_coord) * (h, w)
+            if dec.factorized:
+                geo = torch.cat([rel_coord, coords, rel_cell], dim=-1)
+                hid = q_feat + F.linear(geo, first.weight[:, c:], first.bias)
+                preds.append(rest(hid.reshape(b * n, -1)).view(b, n))
+            else:
+                inp = torch.cat([q_feat, rel_coord, coords, rel_cell], dim=-1)  # ref order
+                preds.append(dec.mlp(inp.view(b * n, -1)).view(b, n))
+            areas.append(torch.abs(rel_coord[..., 0] * rel_coord[..., 1]) + _AREA_EPS)
+
+    tot_area = torch.stack(areas).sum(dim=0)
+    # ref local ensemble: areas swapped 0<->3, 1<->2 (each prediction weighted by the area of
+    # the diagonally opposite cell), accumulated in shift order
+    weights = areas[::-1]
+    ret = preds[0] * (weights[0] / tot_area)
+    for pred, area in zip(preds[1:], weights[1:]):
+        ret = ret + pred * (area / tot_area)
+    if dec.cell_prior:  # the prior, interpolated with the same weights
+        prior = sum(q.float() * (area / tot_area) for q, area in zip(priors, weights))
+    if dec.residual:
+        ret = ret + dec.prior_scale * prior.float()
+    return ret, outside
+
+
+@functools.cache
+def _compiled_ensemble() -> Callable[..., tuple[Tensor, Tensor]]:
+    """:func:`_ensemble` through ``torch.compile`` (inductor, dynamic shapes: one compilation
+    for every chunk, tile and scale size), built on first use."""
+    return torch.compile(_ensemble, dynamic=True)
