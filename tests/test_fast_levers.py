@@ -321,6 +321,58 @@ def test_encode_windows_equals_one_window_at_a_time(model: CRM) -> None:
             model.encode_windows(batch, offsets[:2], (96, 160))
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fusing_only_the_read_cells_equals_the_whole_window(
+    residual: bool, channels_last: bool
+) -> None:
+    """A tile's fused features are read only at its ``cells``: fusing just those (the halo skipped)
+    gives the whole window's values there, clipped to the window, with the right origin."""
+    torch.manual_seed(0)
+    model = build_crm("resnet18", dropout=0.0, residual=residual).eval()
+    _random_bn(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    full = (101, 163)  # odd: the last cell of the map is half a pixel pair
+    x = torch.randn(1, 4, *full)
+    cases = [  # (window offset, window size, wanted cells of the full 51 x 82 map)
+        ((16, 24), (72, 96), (14, 30, 18, 50)),  # inside the window
+        ((16, 24), (72, 96), (0, 30, 40, 90)),  # beyond the window: clipped to it
+        ((40, 64), (61, 99), (30, 51, 60, 82)),  # the map's last row and column
+    ]
+    with torch.inference_mode():
+        for (oy, ox), (h, w), cells in cases:
+            win = x[..., oy : oy + h, ox : ox + w].contiguous(memory_format=fmt)
+            whole, (wy, wx) = model.encode_window(win, (oy, ox), full, fusion_patch=8)
+            [(part, (fy, fx))] = model.encode_windows(
+                win, [(oy, ox)], full, fusion_patch=8, cells=[cells]
+            )
+            y0, x0 = max(cells[0], wy), max(cells[2], wx)
+            y1, x1 = min(cells[1], wy + whole.shape[-2]), min(cells[3], wx + whole.shape[-1])
+            assert (fy, fx) == (y0, x0) and part.shape[-2:] == (y1 - y0, x1 - x0)
+            ref = whole[..., y0 - wy : y1 - wy, x0 - wx : x1 - wx]
+            torch.testing.assert_close(part, ref, atol=1e-5, rtol=0)
+            assert part.shape[1] == 256 + residual  # the cell prior travels along
+
+
+def test_resize_window_equals_the_axis_resizes() -> None:
+    """The matrix form of the window resize equals the gather-and-lerp one along each axis,
+    window edges (clamped) included."""
+    from samsr.models.components.fusion import resize_window, resize_window_axis
+
+    torch.manual_seed(0)
+    for full_in, full_out, off_in, off_out, n, out in [
+        ((26, 41), (51, 82), (3, 5), (4, 8), (12, 20), (20, 36)),
+        ((13, 21), (51, 82), (0, 0), (0, 0), (13, 21), (51, 82)),
+        ((26, 41), (51, 82), (10, 20), (18, 38), (16, 21), (33, 44)),  # past the window's end
+    ]:
+        x = torch.randn(2, 5, *n)
+        ref = resize_window_axis(x, 3, full_in[1], full_out[1], off_in[1], off_out[1], out[1])
+        ref = resize_window_axis(ref, 2, full_in[0], full_out[0], off_in[0], off_out[0], out[0])
+        got = resize_window(x, full_in, full_out, off_in, off_out, out)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "extra", [{}, {"region": "contour", "tile_min": 32}, {"channels_last": True}]
 )

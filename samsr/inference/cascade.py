@@ -402,7 +402,8 @@ def _refine_tiles(
     cut to the region in the first place); their pixels keep the previous scale's values. Up to
     ``cfg.tile_batch`` tiles with equal windows share one encoder call; the order in which tiles
     are decoded does not matter, since every tile reads this scale's input and writes only its
-    own core.
+    own core. The encoder runs on the whole window (the halo is its context), the fusion only
+    on the feature cells the core's queries read (``Tile.cells``; the fused halo is never read).
     """
     hp, wp = prob.shape[-2:]
     if region is not None and cfg.tile_min > 0:
@@ -432,7 +433,7 @@ def _refine_tiles(
         with autocast(x.device, enc_dtype):
             encoded = model.encode_windows(
                 x, [(t.x[0], t.x[2]) for t in batch], size, cfg.fusion_patch,
-                **_guide_kwargs(guide),
+                cells=[t.cells for t in batch], **_guide_kwargs(guide),
             )  # fmt: skip
         del x
         add("encode", tick() - t0)

@@ -4,6 +4,8 @@ A tile owns a rectangle of the padded full-resolution query grid (its *core*). I
 the feature cells ``[a - 1, b + 1)`` around the core's cells ``[a, b)`` (the decoder's local
 ensemble), and those features are computed from an input window grown by the halo (rounded to
 multiples of 8, the encoder's total stride, so that the tile's feature grid is the full one's).
+The halo is the encoder's context only: the fusion, as costly as the ResNet-50 trunk per pixel
+(a 3x3 conv of 256 channels at stride 2), runs on the read cells (``Tile.cells``) alone.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ class Tile:
     Attributes:
         q: (y0, y1, x0, x1) core in the padded full-resolution query grid.
         x: (y0, y1, x0, x1) input window at this scale (y0, x0 multiples of 8).
+        cells: (y0, y1, x0, x1) feature cells (stride 2 of this scale's input, in the full
+            map) that the core's queries read: the core's cells and one more on each side.
+            Only these of the window's fused features are needed.
     """
 
     q: tuple[int, int, int, int]
     x: tuple[int, int, int, int]
+    cells: tuple[int, int, int, int]
 
 
 def _first_query(cell: int, n_query: int, n_feat: int) -> int:
@@ -43,8 +49,12 @@ def _first_query(cell: int, n_query: int, n_feat: int) -> int:
     return min(max(0, -((-num) // (2 * n_feat))), n_query)
 
 
-def _span(a: int, b: int, n_query: int, n_in: int, halo_f: int) -> tuple[int, int, int, int]:
-    """(query start, query end, input start, input end) of the feature cells ``[a, b)``."""
+_Span = tuple[int, int, int, int, int, int]
+
+
+def _span(a: int, b: int, n_query: int, n_in: int, halo_f: int) -> _Span:
+    """(query start, query end, input start, input end, read start, read end) of the feature
+    cells ``[a, b)``: the read range is the cells the queries' local ensemble reads."""
     n_feat = (n_in - 1) // 2 + 1
     q0, q1 = _first_query(a, n_query, n_feat), _first_query(b, n_query, n_feat)
     if b == n_feat:
@@ -52,7 +62,7 @@ def _span(a: int, b: int, n_query: int, n_in: int, halo_f: int) -> tuple[int, in
     f0, f1 = max(a - 1 - halo_f, 0), min(b + 1 + halo_f, n_feat)
     x0 = (2 * f0) // _ALIGN * _ALIGN
     x1 = min(-(-(2 * f1) // _ALIGN) * _ALIGN, n_in)
-    return q0, q1, x0, x1
+    return q0, q1, x0, x1, max(a - 1, 0), min(b + 1, n_feat)
 
 
 def _core_cells(tile: int) -> int:
@@ -67,8 +77,12 @@ def _cell_ranges(n_in: int, tile: int) -> list[tuple[int, int]]:
     return [(a, min(a + core, n_feat)) for a in range(0, n_feat, core)]
 
 
-def _axis(n_query: int, n_in: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """(query start, query end, input start, input end) per tile along one axis."""
+def _tile(ry: _Span, rx: _Span) -> Tile:
+    return Tile((ry[0], ry[1], rx[0], rx[1]), (ry[2], ry[3], rx[2], rx[3]), (*ry[4:], *rx[4:]))
+
+
+def _axis(n_query: int, n_in: int, tile: int, halo: int) -> list[_Span]:
+    """:func:`_span` of every tile along one axis."""
     halo_f = -(-halo // 2)
     spans = [_span(a, b, n_query, n_in, halo_f) for a, b in _cell_ranges(n_in, tile)]
     return [span for span in spans if span[1] > span[0]]
@@ -90,7 +104,7 @@ def plan_tiles(
     """
     rows = _axis(query_size[0], input_size[0], tile, halo)
     cols = _axis(query_size[1], input_size[1], tile, halo)
-    return [Tile((r[0], r[1], c[0], c[1]), (r[2], r[3], c[2], c[3])) for r in rows for c in cols]
+    return [_tile(r, c) for r in rows for c in cols]
 
 
 def scaled_window(src: Tensor, size: tuple[int, int], window: tuple[int, int, int, int]) -> Tensor:
@@ -196,8 +210,7 @@ def plan_region_tiles(
     (hq, wq), (hs, ws) = query_size, input_size
 
     def tile_of(ay: int, by: int, ax: int, bx: int) -> Tile:
-        ry, rx = _span(ay, by, hq, hs, halo_f), _span(ax, bx, wq, ws, halo_f)
-        return Tile((ry[0], ry[1], rx[0], rx[1]), (ry[2], ry[3], rx[2], rx[3]))
+        return _tile(_span(ay, by, hq, hs, halo_f), _span(ax, bx, wq, ws, halo_f))
 
     def area(t: Tile) -> int:
         return (t.x[1] - t.x[0]) * (t.x[3] - t.x[2])

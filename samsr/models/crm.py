@@ -133,15 +133,17 @@ class CRM(nn.Module):
             feat = self.fusion(self.encoder(x))
         return self._with_prior(feat, x)
 
-    def _with_prior(self, feat: Tensor, x: Tensor) -> Tensor:
+    def _with_prior(self, feat: Tensor, x: Tensor, origin: tuple[int, int] = (0, 0)) -> Tensor:
         """``feat`` plus, for a residual decoder, the input's mask channel average-pooled over
-        2 x 2 pixels (an odd last row/column is repeated), one value per feature cell."""
+        2 x 2 pixels (an odd last row/column is repeated), one value per feature cell;
+        ``feat`` covers the cells of ``x`` from ``origin`` (row, col) on."""
         if not self.decoder.cell_prior:
             return feat
         mask = x[:, MASK_CHANNEL : MASK_CHANNEL + 1].float()
         pad = (0, mask.shape[-1] % 2, 0, mask.shape[-2] % 2)
         prior = F.avg_pool2d(F.pad(mask, pad, mode="replicate"), 2)
-        return torch.cat([feat, prior.to(feat.dtype)], dim=1)
+        (r, c), (h, w) = origin, feat.shape[-2:]
+        return torch.cat([feat, prior[..., r : r + h, c : c + w].to(feat.dtype)], dim=1)
 
     def encode_window(
         self,
@@ -172,6 +174,7 @@ class CRM(nn.Module):
         offsets: Sequence[tuple[int, int]],
         full_size: tuple[int, int],
         fusion_patch: int = 0,
+        cells: Sequence[tuple[int, int, int, int]] | None = None,
     ) -> list[tuple[Tensor, tuple[int, int]]]:
         """Encodes B equal-sized windows of one input in a single encoder pass.
 
@@ -184,6 +187,9 @@ class CRM(nn.Module):
             offsets: B (row, col) offsets, multiples of 8.
             full_size: (H, W) of the full input.
             fusion_patch: > 0 runs the fusion conv in patches of that many rows.
+            cells: per window, the (y0, y1, x0, x1) cells of the full feature map that will be
+                read (a tile's ``cells``): only those are fused and returned (the fusion then
+                skips the halo, where the features are never read); None: the whole window.
 
         Returns:
             Per window, (1 x C x h1 x w1 features, (row, col) of them in the full feature map).
@@ -191,10 +197,13 @@ class CRM(nn.Module):
         self._check_input(x)
         if len(offsets) != x.shape[0]:
             raise ValueError(f"{len(offsets)} offsets for a batch of {x.shape[0]} windows.")
+        if cells is not None and len(cells) != len(offsets):
+            raise ValueError(f"{len(cells)} cell ranges for {len(offsets)} windows.")
         levels = self.encoder(x)
         parts = [[f[j : j + 1] for f in levels] for j in range(len(offsets))]
+        wanted = [None] * len(offsets) if cells is None else list(cells)
         return [
-            self._fuse_window(part, x[j : j + 1], off, full_size, fusion_patch)
+            self._fuse_window(part, x[j : j + 1], off, full_size, fusion_patch, wanted[j])
             for j, (part, off) in enumerate(zip(parts, offsets))
         ]
 
@@ -205,16 +214,24 @@ class CRM(nn.Module):
         offset: tuple[int, int],
         full_size: tuple[int, int],
         fusion_patch: int,
+        cells: tuple[int, int, int, int] | None = None,
     ) -> tuple[Tensor, tuple[int, int]]:
-        """The fused features of one window from its encoder levels (see :meth:`encode_window`)."""
+        """The fused features of one window from its encoder levels (see :meth:`encode_window`),
+        only at ``cells`` if given (see :meth:`encode_windows`)."""
         oy, ox = offset
         if oy % 8 or ox % 8:
             raise ValueError(f"window offsets must be multiples of 8, got {offset}.")
         strides = self.encoder.strides
         sizes = self.encoder.level_sizes(*full_size)
         offsets = [(oy // s, ox // s) for s in strides]
-        feat = self.fusion.forward_window(list(levels), offsets, sizes, fusion_patch)
-        return self._with_prior(feat, x), offsets[0]
+        levels = list(levels)
+        if cells is None:
+            feat = self.fusion.forward_window(levels, offsets, sizes, fusion_patch)
+            return self._with_prior(feat, x), offsets[0]
+        levels, offsets, (r0, r1, c0, c1) = self.fusion.crop_window(levels, offsets, sizes, cells)
+        feat = self.fusion.forward_window(levels, offsets, sizes, fusion_patch)[..., r0:r1, c0:c1]
+        fy, fx = offsets[0][0] + r0, offsets[0][1] + c0
+        return self._with_prior(feat, x, (fy - oy // 2, fx - ox // 2)), (fy, fx)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -186,9 +186,12 @@ class SamCRM(CRM):
         full_size: tuple[int, int],
         fusion_patch: int = 0,
         guide: Guide | None = None,
+        cells: Sequence[tuple[int, int, int, int]] | None = None,
     ) -> list[tuple[Tensor, tuple[int, int]]]:
         """B equal-sized windows of one image: the local CNN on the batch, the token fusion per
-        window with the image's ``guide`` (see :meth:`CRM.encode_windows`; offsets even)."""
+        window with the image's ``guide`` (see :meth:`CRM.encode_windows`; offsets even).
+        ``cells`` is accepted and the whole window returned: the halo of these models is the
+        shallow CNN's few pixels, so there is little to skip."""
         self._check_input(x)
         guide = self._require(guide)
         if any(oy % 2 or ox % 2 for oy, ox in offsets):
