@@ -132,3 +132,43 @@ def test_failing_worker_is_reported_not_raised(tmp_path):
     assert "stride" in row["stderr_tail"] and row["time_ratio"] is None
     assert "failed (exit 1" in (tmp_path / "out" / "benchmark.md").read_text()
     assert not (tmp_path / "out" / "masks").exists()
+
+
+def test_work_table_means_the_cascade_counters():
+    from samsr.engine.benchmark_report import format_group
+
+    def row(cascades):
+        return {"status": "ok", "time_s": 1.0, "per_image": [{"cascade": c} for c in cascades]}
+
+    group = {
+        "images": [{"width": 64, "height": 48}] * 2,
+        "coarse": {"iou_pct": 90.0, "mba_pct": 80.0},
+        "variants": {
+            "faithful": row([{"encoded_px": 2e6, "decoded_px": 4e6}] * 2),
+            "fast": row(
+                [
+                    {
+                        "tiles": 4,
+                        "encoded_px": 3e6,
+                        "decoded_px": 1e6,
+                        "encode": 5.0,
+                        "trunk": 3.0,
+                        "decode": 1.0,
+                    },
+                    {
+                        "tiles": 6,
+                        "encoded_px": 5e6,
+                        "decoded_px": 3e6,
+                        "encode": 7.0,
+                        "trunk": 4.0,
+                        "decode": 3.0,
+                    },
+                ]
+            ),  # fmt: skip
+            "broken": {"status": "failed (exit 1)"},
+        },
+    }
+    text = format_group("64x48", group)
+    assert "| faithful | – | 2.00 | 4.00 | – | – | – |" in text
+    assert "| fast | 5 | 4.00 | 2.00 | 3.50 | 2.50 | 2.00 |" in text
+    assert "| broken | " not in text.split("Work per image")[1]

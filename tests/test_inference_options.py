@@ -309,10 +309,12 @@ def test_timed_runs_never_synchronise_per_stage(model: CRM, monkeypatch) -> None
     cfg = CascadeConfig(scales=(0.5, 1.0), tile=32, tile_halo=8)
     counts: dict[str, float] = {}
     plain = refine(model, image, coarse, cfg, timings=counts)
-    assert syncs == [] and "encode" not in counts and counts["tiles"] > 2
+    assert syncs == [] and "encode" not in counts and "trunk" not in counts and counts["tiles"] > 2
     profiled: dict[str, float] = {}
     again = refine(model, image, coarse, cfg, timings=profiled, profile=True)
     assert len(syncs) >= 2 * profiled["tiles"] and profiled["encode"] > 0 < profiled["decode"]
+    assert 0 < profiled["trunk"] < profiled["encode"]  # the encoder's share of encoding
+    assert not model.encoder._forward_hooks and not model.encoder._forward_pre_hooks
     torch.testing.assert_close(again, plain, atol=0, rtol=0)  # the same computation
 
 

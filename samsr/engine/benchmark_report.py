@@ -177,6 +177,29 @@ _FULL = [("time_s", 3, False), ("time_ratio", 2, False), ("peak_mem_gib", 3, Fal
          ("agreement_pct", 3, False), ("exact_pct", 3, False)]  # fmt: skip
 
 
+def _work_cells(row: Mapping[str, Any]) -> list[str] | None:
+    """Per-image means of the cascade's counters (and of its stage seconds in a profiling run:
+    the encoder trunk, the rest of encoding, decoding); None for a failed row."""
+    per = [im.get("cascade") or {} for im in row.get("per_image") or []]
+    if row.get("status") != "ok" or not per:
+        return None
+
+    def mean(key: str, unit: float = 1.0) -> float | None:
+        values = [c[key] for c in per if key in c]
+        return sum(values) / len(values) / unit if values else None
+
+    trunk, encode = mean("trunk"), mean("encode")
+    rest = None if trunk is None or encode is None else encode - trunk
+    return [
+        _num(mean("tiles"), 0),
+        _num(mean("encoded_px", 1e6), 2),
+        _num(mean("decoded_px", 1e6), 2),
+        _num(trunk, 2),
+        _num(rest, 2),
+        _num(mean("decode"), 2),
+    ]
+
+
 def format_group(name: str, group: Mapping[str, Any], reference: str = "faithful") -> str:
     """Markdown for one image group: the memory table (thesis 4.1), the speed table (4.2), all.
 
@@ -232,6 +255,25 @@ def format_group(name: str, group: Mapping[str, Any], reference: str = "faithful
             full,
         ),  # fmt: skip
     ]
+    work = [[variant, *cells] for variant, row in rows.items() if (cells := _work_cells(row))]
+    if work:
+        parts += [
+            "Work per image (mean; encoded px: the encoder's input pixels over all scales, tile "
+            "halos included; seconds only in --profile runs: the encoder trunk, the rest of "
+            "encoding (fusion, input resizing), decoding):",
+            _table(
+                [
+                    "Method",
+                    "Tiles",
+                    "Encoded px (M)",
+                    "Decoded px (M)",
+                    "Trunk (s)",
+                    "Fusion etc. (s)",
+                    "Decode (s)",
+                ],
+                work,
+            ),  # fmt: skip
+        ]
     return "\n\n".join(parts)
 
 

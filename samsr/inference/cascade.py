@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from samsr.device import autocast, resolve_dtype, synchronize
 from samsr.inference.cascade_config import CascadeConfig
@@ -152,7 +153,9 @@ def refine(
             scales; one synchronisation on each side of it).
         profile: also add ``"encode"`` and ``"decode"`` seconds to ``timings``, synchronising
             the device around every stage of every scale and tile (a profiling run: the
-            synchronisations cost time, most of all in tiled mode; never in timed runs).
+            synchronisations cost time, most of all in tiled mode; never in timed runs), and
+            ``"trunk"``: the part of ``"encode"`` spent in ``model.encoder`` (the rest is the
+            fusion and the inputs' resizing).
         on_scale: called after every scale with ``(scale, prob)``, ``prob`` the 1 x 1 x Hp x Wp
             padded probability buffer (a view: copy what you keep), for diagnostics.
 
@@ -164,8 +167,40 @@ def refine(
         raise ValueError(f"image must be 1 x 3 x H x W, got {tuple(image.shape)}.")
     if coarse.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
-    with torch.inference_mode(), decoder_mode(model, cfg.decoder_factorized, cfg.compile_decoder):
+    trunk = timings if profile else None
+    with (
+        torch.inference_mode(),
+        decoder_mode(model, cfg.decoder_factorized, cfg.compile_decoder),
+        _timed(model.encoder, trunk, "trunk", image.device),
+    ):
         return _refine(model, image, coarse, cfg, extra, timings, profile, on_scale)
+
+
+@contextmanager
+def _timed(
+    module: nn.Module, timings: dict[str, float] | None, key: str, device: torch.device
+) -> Iterator[None]:
+    """Adds the seconds of every ``module`` call (device synchronised) to ``timings[key]``;
+    nothing when ``timings`` is None."""
+    if timings is None:
+        yield
+        return
+    starts: list[float] = []
+
+    def before(*_: Any) -> None:
+        synchronize(device)
+        starts.append(time.perf_counter())
+
+    def after(*_: Any) -> None:
+        synchronize(device)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - starts.pop()
+
+    hooks = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _as_unit(x: Tensor) -> Tensor:
