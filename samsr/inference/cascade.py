@@ -167,11 +167,11 @@ def refine(
         raise ValueError(f"image must be 1 x 3 x H x W, got {tuple(image.shape)}.")
     if coarse.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"coarse {tuple(coarse.shape)} does not match image {tuple(image.shape)}.")
-    trunk = timings if profile else None
+    profile = profile and timings is not None
     with (
         torch.inference_mode(),
         decoder_mode(model, cfg.decoder_factorized, cfg.compile_decoder),
-        _timed(model.encoder, trunk, "trunk", image.device),
+        _timed(model.encoder, timings if profile else None, "trunk", image.device),
     ):
         return _refine(model, image, coarse, cfg, extra, timings, profile, on_scale)
 
@@ -337,8 +337,6 @@ def _refine(
     label = prob[0, 0] >= 0.5 if cfg.region != "full" and cfg.region_source == "coarse" else None
     region = _region(cfg, label) if label is not None else None
     del label
-
-    profile = profile and timings is not None
 
     def tick(sync: bool = profile) -> float:
         if sync:
